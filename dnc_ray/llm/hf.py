@@ -1,0 +1,73 @@
+"""A local Transformers model: batched, left-padded generation through the model's chat template."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dnc_ray.config import HFModel
+from dnc_ray.llm.engine import Completion, Messages, SamplingParams
+from dnc_ray.llm.models import resolve_model
+
+
+class HFEngine:
+    def __init__(self, cfg: HFModel):
+        self.name = cfg.model
+        self.batch_size = cfg.batch_size
+        path = resolve_model(cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = getattr(torch, cfg.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device).eval()
+
+    def generate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
+        out: list[Completion] = []
+        for start in range(0, len(chats), self.batch_size):
+            out += self._generate_batch(chats[start : start + self.batch_size], params)
+        return out
+
+    @torch.inference_mode()
+    def _generate_batch(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
+        started = time.perf_counter()
+        inputs = self.tokenizer.apply_chat_template(
+            chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+        ).to(self.model.device)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        sampling = {"do_sample": True, "temperature": params.temperature} if params.temperature > 0 else {"do_sample": False}
+        stops = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
+        generated = self.model.generate(
+            **inputs,
+            max_new_tokens=params.max_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            top_p=None,
+            top_k=None,
+            **sampling,
+            **stops,
+        )[:, inputs["input_ids"].shape[1] :]
+        latency = time.perf_counter() - started
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return [
+            Completion(
+                text=_cut_at_stop(self.tokenizer.decode(tokens[:n], skip_special_tokens=True), params.stop),
+                prompt_tokens=p,
+                completion_tokens=n,
+                latency_s=latency,
+            )
+            for tokens, p in zip(generated, prompt_tokens)
+            for n in [self._generated_length(tokens)]
+        ]
+
+    def _generated_length(self, tokens: torch.Tensor) -> int:
+        """Tokens up to and including the first end-of-sequence token (the rest is padding)."""
+        ends = (tokens == self.tokenizer.eos_token_id).nonzero()
+        return int(ends[0]) + 1 if len(ends) else len(tokens)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """Drop the stop string and what follows, as OpenAI-compatible servers do."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[: min(cuts)] if cuts else text).strip()

@@ -1,0 +1,118 @@
+"""An `Engine` over any OpenAI-compatible endpoint (OpenAI, vLLM, Ray Serve LLM, the stub server).
+
+Retries are the official client's own: on connection errors, timeouts, 408, 409, 429 and every 5xx
+it retries up to `max_retries` times, sleeping min(0.5 * 2**n, 8) s times a 0.75-1 jitter, or the
+server's `retry-after(-ms)` when that is at most 2 minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import openai
+
+from dnc_ray.config import OpenAIModel
+from dnc_ray.llm.engine import Completion, Messages, SamplingParams
+
+_MAX_ERROR_CHARS = 300
+
+
+class MalformedResponse(ValueError):
+    """A 200 answer without choices or message content."""
+
+
+class OpenAIEngine:
+    """Sends each chat as one `chat.completions.create`, at most `max_in_flight` at a time."""
+
+    def __init__(self, cfg: OpenAIModel):
+        self.cfg = cfg
+        self.name = cfg.model
+        if cfg.api_key_env is None:
+            self._api_key = "not-needed"
+        else:
+            self._api_key = os.environ.get(cfg.api_key_env, "")
+            if not self._api_key:
+                raise RuntimeError(
+                    f"environment variable {cfg.api_key_env} (api_key_env of model {cfg.model}) is not set: "
+                    "export it with the API key, or set api_key_env: null for an endpoint without a key"
+                )
+        # Nothing is opened here: the loop thread and the client start on first use.
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bound: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI, asyncio.Semaphore] | None = None
+
+    # -- async API -----------------------------------------------------------------------------
+    async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
+        client, slots = self._client()
+        kwargs: dict = {"model": self.cfg.model, "temperature": params.temperature, "max_tokens": params.max_tokens}
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
+        return list(await asyncio.gather(*(self._one(client, slots, chat, kwargs) for chat in chats)))
+
+    async def _one(self, client: openai.AsyncOpenAI, slots: asyncio.Semaphore, chat: Messages, kwargs: dict) -> Completion:
+        async with slots:
+            start = time.perf_counter()
+            try:
+                response = await client.chat.completions.create(messages=chat, **kwargs)
+                latency = time.perf_counter() - start
+                choices = getattr(response, "choices", None)
+                text = choices[0].message.content if choices else None
+                if not isinstance(text, str):
+                    raise MalformedResponse("response has no choices or message content")
+            except Exception as e:  # one chat's failure never fails the batch
+                return Completion(text=None, latency_s=time.perf_counter() - start, error=self._describe(e))
+        usage = getattr(response, "usage", None)
+        return Completion(
+            text=text,
+            prompt_tokens=getattr(usage, "prompt_tokens", None) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", None) or 0,
+            latency_s=latency,
+        )
+
+    def _describe(self, e: Exception) -> str:
+        message = " ".join(str(e).split()) or repr(e)
+        if self._api_key:
+            message = message.replace(self._api_key, "***")
+        if len(message) > _MAX_ERROR_CHARS:
+            message = message[: _MAX_ERROR_CHARS - 3] + "..."
+        return f"{type(e).__name__}: {message}"
+
+    def _client(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        """The client and request slots of the running loop (an AsyncOpenAI is bound to its loop)."""
+        loop = asyncio.get_running_loop()
+        if self._bound is None or self._bound[0] is not loop:
+            client = openai.AsyncOpenAI(
+                api_key=self._api_key,
+                base_url=self.cfg.base_url,
+                timeout=self.cfg.request_timeout_s,
+                max_retries=self.cfg.max_retries,
+            )
+            self._bound = (loop, client, asyncio.Semaphore(self.cfg.max_in_flight))
+        return self._bound[1], self._bound[2]
+
+    # -- sync API (Ray Data actors) ------------------------------------------------------------
+    def generate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
+        return asyncio.run_coroutine_threadsafe(self.agenerate(chats, params), self._background_loop()).result()
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name=f"openai-{self.name}", daemon=True).start()
+            return self._loop
+
+    def close(self) -> None:
+        """Closes the background loop's client and stops the loop (the engine can start afresh after)."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        bound, self._bound = self._bound, None
+        if bound is not None and bound[0] is loop:
+            asyncio.run_coroutine_threadsafe(bound[1].close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)

@@ -1,0 +1,166 @@
+"""A scripted OpenAI-compatible server on 127.0.0.1: the stand-in for a paid teacher API.
+
+    with StubServer(reply=lambda messages: "The answer is: 7", latency_s=0.1) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x")
+
+`fail(request_index, messages)` may return an HTTP status (429, 500, ...) to fail that request with
+an OpenAI-style error body, or `GARBAGE` to answer 200 with JSON that has no choices.
+Run it standalone for dry runs and benchmarks:
+
+    python -m dnc_ray.llm.stub_server --port 8001 --latency-s 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+GARBAGE = "garbage"
+
+Reply = Callable[[list[dict]], str]
+Fail = Callable[[int, list[dict]], "int | str | None"]
+
+
+def _default_reply(messages: list[dict]) -> str:
+    return "The answer is: 42"
+
+
+def _words(text: object) -> int:
+    return len(text.split()) if isinstance(text, str) else 0
+
+
+@dataclass
+class StubServer:
+    reply: Reply = _default_reply
+    latency_s: float = 0.0
+    fail: Fail | None = None
+    model: str = "stub-teacher"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free port
+
+    requests: list[list[dict]] = field(default_factory=list, init=False)
+    headers: dict[str, str] = field(default_factory=dict, init=False)
+    max_in_flight_seen: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.app = self._build_app()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="dnc-ray stub OpenAI server")
+
+        @app.get("/v1/models")
+        async def models() -> dict:
+            return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "dnc-ray"}]}
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            body = await request.json()
+            messages = body.get("messages", [])
+            with self._lock:
+                index = len(self.requests)
+                self.requests.append(messages)
+                self.headers = dict(request.headers)
+                self._in_flight += 1
+                self.max_in_flight_seen = max(self.max_in_flight_seen, self._in_flight)
+            try:
+                if self.latency_s > 0:
+                    await asyncio.sleep(self.latency_s)
+                return self._answer(index, messages, body.get("model", self.model))
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+
+        return app
+
+    def _answer(self, index: int, messages: list[dict], model: str) -> JSONResponse | dict:
+        outcome = self.fail(index, messages) if self.fail else None
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()), "model": model}
+        if outcome == GARBAGE:
+            return head
+        if outcome is not None:
+            error = {"message": f"stub failure {outcome} for request {index}", "type": "stub_error", "param": None, "code": str(outcome)}
+            return JSONResponse({"error": error}, status_code=int(outcome))
+        text = self.reply(messages)
+        prompt_tokens = sum(_words(m.get("content")) for m in messages)
+        completion_tokens = _words(text)
+        return {
+            **head,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _bind(self) -> tuple[uvicorn.Server, socket.socket]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=1)
+        return uvicorn.Server(config), sock
+
+    def start(self, timeout_s: float = 10.0) -> "StubServer":
+        self._server, sock = self._bind()
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"stub server on {self.host}:{self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._server = self._thread = None
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until Ctrl-C."""
+        server, sock = self._bind()
+        print(f"stub OpenAI server on {self.base_url} (model {self.model}, latency {self.latency_s}s)", flush=True)
+        server.run(sockets=[sock])
+
+    def __enter__(self) -> "StubServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--latency-s", type=float, default=0.0, help="seconds each request waits before answering")
+    parser.add_argument("--model", default="stub-teacher")
+    args = parser.parse_args(argv)
+    StubServer(latency_s=args.latency_s, model=args.model, host=args.host, port=args.port).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

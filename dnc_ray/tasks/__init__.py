@@ -1,0 +1,27 @@
+"""Benchmarks as rows {id, task, split, question, context, answers} and their scorers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dnc_ray.config import TaskConfig
+from dnc_ray.tasks import bamboogle, drop, gsm8k, records
+from dnc_ray.tasks.common import TaskError, read_jsonl
+
+__all__ = ["TaskError", "load_rows", "read_jsonl", "scorer"]
+
+BENCHMARKS = {"gsm8k": gsm8k, "drop": drop, "bamboogle": bamboogle}
+
+
+def load_rows(cfg: TaskConfig) -> list[dict]:
+    """The task's rows (cfg.path replacing the bundled file when set), the first cfg.limit only."""
+    if cfg.name == "records":
+        rows = records.load(cfg.path, cfg.fields, cfg.split)
+    else:
+        rows = BENCHMARKS[cfg.name].load(cfg.split, cfg.path)
+    return rows[: cfg.limit]
+
+
+def scorer(cfg: TaskConfig) -> Callable[[str, list[list[str]]], tuple[float, bool]]:
+    """(prediction, answers) -> (score, correct) for the task; records use cfg.metric's."""
+    return BENCHMARKS[cfg.metric if cfg.name == "records" else cfg.name].score

@@ -42,6 +42,7 @@ def test_batch_in_order_with_usage():
     with StubServer(reply=reply, latency_s=0.01) as server:
         engine = make_engine(server)
         assert engine.name == "stub-teacher"
+        assert engine._loop is None and engine._bound is None  # constructing opens nothing
         out = run(engine, [chat(f"question number {i}") for i in range(10)])
     assert [c.text for c in out] == [f"echo question number {i}" for i in range(10)]
     assert all(c.error is None for c in out)

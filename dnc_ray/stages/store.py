@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dnc_ray.config import ConfigError
 from dnc_ray.stages.rows import ROW_SCHEMA, row_key
 
 
@@ -30,7 +31,15 @@ class RunStore:
 
     def read_meta(self) -> dict:
         with self.fs.open_input_stream(f"{self.root}/run.json") as f:
-            return json.loads(f.read())
+            text = f.read()
+        try:
+            meta = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{self.uri}/run.json: not valid JSON ({e}); is this a dnc run?") from None
+        missing = {"identity", "config", "attempts"} - set(meta if isinstance(meta, dict) else ())
+        if missing:
+            raise ConfigError(f"{self.uri}/run.json: not a dnc run record (missing {', '.join(sorted(missing))})")
+        return meta
 
     def write_meta(self, meta: dict) -> None:
         self.fs.create_dir(self.root, recursive=True)

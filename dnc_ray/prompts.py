@@ -64,7 +64,7 @@ def format_subquestions(subquestions: list[str]) -> str:
 
 
 _ENUMERATION = re.compile(
-    r"^\s*(?:[-*\u2022]+|\(?\d+[.):](?!\d)|(?:sub-?question|q)\s*\d*\s*[:.)]|#+)\s*", re.IGNORECASE
+    r"^\s*(?:[-*\u2022]+|\(?\d+[.):](?!\d)|(?:(?:sub-?)?question|q)\s*\d*\s*[:.)]|#+)\s*", re.IGNORECASE
 )
 _RESTATES_MAIN = re.compile(r"\b(?:main|original|complex) question\b", re.IGNORECASE)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BUILD_VERSION = 2  # bump when a builder changes, so stale caches are rebuilt
 
 
 class ModelRefError(ValueError):
@@ -51,7 +52,7 @@ def resolve_model(ref: str) -> str:
 
 def _cached(name: str, build) -> Path:
     """Build a bundled model once; concurrent builders (Ray actors) race safely via rename."""
-    target = cache_dir() / "models" / name
+    target = cache_dir() / "models" / f"{name}-v{_BUILD_VERSION}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def _build_tiny_random(out: Path) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # tied at this size, greedy decoding repeats one token forever
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -174,3 +174,22 @@ def test_scorer_dispatch():
     assert scorer(TaskConfig(name="bamboogle"))("It was James Madison.", [["james madison"]]) == (1.0, True)
     records = TaskConfig(name="records", path="unused.jsonl", metric="gsm8k")
     assert scorer(records)("The answer is 1,002", [["1002"]]) == (1.0, True)
+
+
+def test_gsm8k_from_a_parquet_url_in_the_hub_format(tmp_path):
+    """A user path may be any fsspec URL (hf://, s3://, file://) to JSONL or Parquet; file:// runs here."""
+    bundled = load_rows(TaskConfig(name="gsm8k", split="test", limit=3))
+    hub_rows = [{"question": r["question"], "answer": f"work\n#### {r['answers'][0][0]}"} for r in bundled]
+    pq.write_table(pa.Table.from_pylist(hub_rows), tmp_path / "test-00000-of-00001.parquet")
+    url = f"file://{tmp_path}/test-00000-of-00001.parquet"
+    assert load_rows(TaskConfig(name="gsm8k", split="test", path=url)) == bundled
+
+
+def test_hub_dataset_url_without_network_is_a_clear_error(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no request leaves the machine
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import time
+    url = "hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet"
+    with pytest.raises(TaskError, match=r"hf://datasets/openai/gsm8k.*cannot read"):
+        load_rows(TaskConfig(name="gsm8k", split="test", path=url))

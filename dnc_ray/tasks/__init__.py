@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from dnc_ray.config import TaskConfig
 from dnc_ray.tasks import bamboogle, drop, gsm8k, records
-from dnc_ray.tasks.common import TaskError, read_jsonl
+from dnc_ray.tasks.common import TaskError
 
-__all__ = ["TaskError", "load_rows", "read_jsonl", "scorer"]
+__all__ = ["TaskError", "load_rows", "scorer"]
 
 BENCHMARKS = {"gsm8k": gsm8k, "drop": drop, "bamboogle": bamboogle}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dnc_ray.metrics import bamboogle_acc
-from dnc_ray.tasks.common import DATA_DIR, check_split, check_type, field, make_row, read_jsonl
+from dnc_ray.tasks.common import DATA_DIR, check_split, check_type, field, make_row, read_records
 
 SPLITS = ("test",)
 
@@ -12,8 +12,7 @@ def load(split: str, path: str | None) -> list[dict]:
     check_split("bamboogle", split, SPLITS)
     path = path or DATA_DIR / "bamboogle" / "bamboogle.jsonl"
     rows = []
-    for number, raw in read_jsonl(path):
-        where = f"{path} line {number}"
+    for number, where, raw in read_records(path):
         id = field(raw, "id", (int, str), where)
         question = field(raw, "question", str, where)
         alternatives = check_type(raw.get("alt_answers", []), "alt_answers", list, where)

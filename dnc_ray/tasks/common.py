@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -14,15 +18,44 @@ class TaskError(ValueError):
     """Task data that cannot be used; the message names file, line (or row) and field."""
 
 
+def read_records(path: str | Path) -> Iterator[tuple[int, str, dict]]:
+    """Yield (1-based line or row number, "<file> line|row <n>", record) of a JSONL or .parquet file.
+
+    `path` is a local path or an fsspec URL: hf://datasets/<org>/<name>/<file> (Hugging Face, where
+    there is network), s3://, gs://, file://.
+    """
+    if str(path).endswith(".parquet"):
+        for number, record in enumerate(_parquet_records(path), start=1):
+            yield number, f"{path} row {number}", record
+    else:
+        for number, record in read_jsonl(path):
+            yield number, f"{path} line {number}", record
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line number, object) for each non-blank line of a JSONL file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     yield number, _parse_object(line, f"{path} line {number}")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+    except UnicodeDecodeError:
+        raise TaskError(f"{path}: cannot read: not UTF-8 text") from None
+
+
+def _parquet_records(path: str | Path) -> list[dict]:
+    with _open(path) as f:
+        try:
+            return pq.read_table(f).to_pylist()
+        except (OSError, ValueError) as e:
+            raise TaskError(f"{path}: cannot read Parquet: {e}") from None
+
+
+def _open(path: str | Path):
+    try:
+        return fsspec.open(str(path), "rb").open()
+    except Exception as e:  # each filesystem raises its own errors (missing file, no network, no package)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise TaskError(f"{path}: cannot read: {reason}") from None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from dnc_ray.metrics import gsm8k_em
-from dnc_ray.tasks.common import DATA_DIR, TaskError, check_split, field, make_row, read_jsonl
+from dnc_ray.tasks.common import DATA_DIR, TaskError, check_split, field, make_row, read_records
 
 SPLITS = ("train", "test")
 
@@ -14,8 +14,7 @@ def load(split: str, path: str | None) -> list[dict]:
     check_split("gsm8k", split, SPLITS)
     path = path or DATA_DIR / "gsm8k" / f"{split}.jsonl"
     rows = []
-    for number, raw in read_jsonl(path):
-        where = f"{path} line {number}"
+    for number, where, raw in read_records(path):
         question = field(raw, "question", str, where)
         gold = _gold(field(raw, "answer", str, where), where)
         rows.append(make_row(f"gsm8k-{split}-{number - 1}", "gsm8k", split, question, None, [[gold]]))
@@ -44,8 +43,7 @@ def reference_subquestions(split: str = "test") -> dict[str, list[str]]:
 def _socratic_test() -> dict[str, list[str]]:
     path = DATA_DIR / "gsm8k" / "test_socratic.jsonl"
     subquestions = {}
-    for number, raw in read_jsonl(path):
-        where = f"{path} line {number}"
+    for number, where, raw in read_records(path):
         lines = field(raw, "answer", str, where).split("\n")
         steps = [line.split(" ** ", 1)[0].strip() for line in lines if " ** " in line and not line.startswith("####")]
         subquestions[field(raw, "question", str, where)] = steps

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pyarrow.parquet as pq
-
-from dnc_ray.tasks.common import TaskError, check_type, field, make_row, read_jsonl
+from dnc_ray.tasks.common import TaskError, check_type, field, make_row, read_records
 
 ROW_FIELDS = ("question", "answers", "context", "id")
 
@@ -16,7 +11,7 @@ def load(path: str, fields: dict[str, str] | None, split: str) -> list[dict]:
     """Rows of `path` (.parquet, else JSONL); `fields` maps row field -> column, default the same name."""
     columns = _columns(path, fields or {})
     rows, ids = [], set()
-    for number, where, raw in _read(path):
+    for number, where, raw in read_records(path):
         row = _row(raw, columns, where, number - 1, split)
         if row["id"] in ids:
             raise TaskError(f'{where}: field "{columns["id"]}": duplicate id {row["id"]!r}')
@@ -30,23 +25,6 @@ def _columns(path: str, fields: dict[str, str]) -> dict[str, str]:
     if unknown:
         raise TaskError(f"{path}: fields: unknown row field {unknown[0]!r}; known: {', '.join(ROW_FIELDS)}")
     return {name: fields.get(name, name) for name in ROW_FIELDS}
-
-
-def _read(path: str) -> Iterator[tuple[int, str, dict]]:
-    """Yield (1-based line or row number, "<file> line <n>" or "<file> row <n>", record)."""
-    if Path(path).suffix == ".parquet":
-        for number, record in enumerate(_parquet_records(path), start=1):
-            yield number, f"{path} row {number}", record
-    else:
-        for number, record in read_jsonl(path):
-            yield number, f"{path} line {number}", record
-
-
-def _parquet_records(path: str) -> list[dict]:
-    try:
-        return pq.read_table(path).to_pylist()
-    except (OSError, ValueError) as e:
-        raise TaskError(f"{path}: cannot read Parquet: {e}") from None
 
 
 def _row(raw: dict, columns: dict[str, str], where: str, index: int, split: str) -> dict:

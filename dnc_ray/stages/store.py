@@ -47,11 +47,15 @@ class RunStore:
             f.write(json.dumps(meta, indent=2).encode())
 
     def write_rows(self, table: pa.Table) -> None:
-        """One new Parquet part; names sort by write time so that the latest part wins on read."""
+        """One new Parquet part; names sort by write time so that the latest part wins on read.
+
+        Written under a temporary name and then renamed, so a crash mid-write leaves no part.
+        """
         self.fs.create_dir(f"{self.root}/rows", recursive=True)
         self._seq += 1
         name = f"{self.root}/rows/part-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.parquet"
-        pq.write_table(table.cast(ROW_SCHEMA), name, filesystem=self.fs)
+        pq.write_table(table.cast(ROW_SCHEMA), f"{name}.tmp", filesystem=self.fs)
+        self.fs.move(f"{name}.tmp", name)
 
     def read_rows(self) -> list[dict]:
         """Every key's latest row, in key order."""

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test quickstart clean
+.PHONY: setup test quickstart bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ quickstart: setup
 	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-two-stage.yaml
 	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-reference.yaml
 	$(VENV)/bin/dnc evaluate runs/quickstart/direct runs/quickstart/two-stage runs/quickstart/reference
+
+bench: setup
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) runs

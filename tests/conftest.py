@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import ray
+# Local Ray binds to 127.0.0.1 (by default it takes the machine's network address): test traffic
+# stays on loopback. Read by Ray at import time, so it is set before `import ray`; subprocesses inherit it.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-from dnc_ray.prompts import DECOMPOSE_INSTRUCTION, SOLVE_INSTRUCTION
+import pytest  # noqa: E402
+import ray  # noqa: E402
 
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+from dnc_ray.prompts import DECOMPOSE_INSTRUCTION, SOLVE_INSTRUCTION  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,15 @@ def teacher_model(server: StubServer, **extra) -> dict:
             "batch_size": 4, "max_retries": 0, "price": {"input_per_1k": 0.001, "output_per_1k": 0.002}, **extra}
 
 
+def settled_request_count(server: StubServer, quiet_s: float = 2.0) -> int:
+    """The server's request count once no new request has come for `quiet_s`."""
+    count = -1
+    while count != len(server.requests):
+        count = len(server.requests)
+        time.sleep(quiet_s)
+    return count
+
+
 def config(out: Path, **fields) -> GenerateConfig:
     base = {"task": {"name": "gsm8k", "split": "test", "limit": 16}, "output": str(out), "progress_interval_s": 1}
     return GenerateConfig.model_validate({**base, **fields})
@@ -135,7 +144,7 @@ def test_resume_after_the_driver_is_killed(ray_local, tmp_path):
         store = RunStore(str(tmp_path / "run"))
         written = len(store.done_keys())
         assert 0 < written < 16, "the kill should land mid-run"
-        before = len(server.requests)
+        before = settled_request_count(server)  # the dead driver's actors are torn down by Ray
         run_generate(GenerateConfig.model_validate(cfg))
         assert len(server.requests) - before == 2 * (16 - written)
     rows = store.read_rows()

@@ -83,7 +83,8 @@ class TaskConfig(_Strict):
     name: Literal["gsm8k", "drop", "bamboogle", "records"]
     split: str = "test"
     path: str | None = Field(None, description="local JSONL/Parquet replacing the bundled data")
-    limit: int | None = Field(None, gt=0, description="first N rows only")
+    offset: int = Field(0, ge=0, description="skip the first N rows (e.g. to hold questions out)")
+    limit: int | None = Field(None, gt=0, description="first N rows (after offset) only")
     fields: dict[str, str] | None = Field(
         None, description="records only: row field -> column in the file (question, answers, context, id)"
     )
@@ -192,3 +193,123 @@ def _line_of(node: yaml.Node | None, loc: list) -> int | None:
         key_node, node = match[0]
         line = key_node.start_mark.line + 1
     return line
+
+
+# ---------------------------------------------------------------- training (`dnc train`)
+
+VARIANTS = ("sd-t", "sd-r", "se-t", "se-a")
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +weights")
+    offload_optimizer: bool = Field(False, description="keep optimizer state in CPU memory (GPU runs only)")
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="module names, or all-linear")
+
+
+class TrainConfig(_Strict):
+    train_set: str = Field(description="Parquet file or folder from `dnc distill` (path or URI)")
+    variant: Literal[VARIANTS] = Field(description="the variant the training set must hold")
+    model: str = Field("smollm2-135m-instruct", description="model reference of the student")
+    output: str = Field(description="folder or URI: checkpoints/, metrics.jsonl, model/")
+    max_length: int = Field(512, gt=0, description="tokens per row: prompt kept whole, target cut")
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; replaces epochs")
+    per_worker_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    lora: LoraConfig | None = None
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoint_every_steps: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every_steps: int = Field(10, gt=0, description="one progress line per N steps")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
+    resume_from: str | None = Field(None, description="a checkpoint folder (checkpoints/checkpoint_*)")
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _gpu_settings_agree(self) -> "TrainConfig":
+        if not self.use_gpu and self.deepspeed.precision == "bf16":
+            raise ValueError("deepspeed.precision bf16 needs a GPU: set use_gpu: true, or use fp32")
+        if not self.use_gpu and self.deepspeed.offload_optimizer:
+            raise ValueError("deepspeed.offload_optimizer moves GPU optimizer state to CPU: it needs use_gpu: true")
+        return self
+
+
+# ---------------------------------------------------------------- serving (`dnc serve`)
+
+ServedEngine = Annotated[Union[OpenAIModel, HFModel], Field(discriminator="engine")]
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica the autoscaler aims at")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        return self
+
+
+class ServedModel(_Strict):
+    """One half of the served graph (decomposer or solver): its model and its Serve deployment.
+
+    An hf model's replica reserves the model's `num_gpus` and batches up to its `batch_size`
+    concurrent requests into one generate call.
+    """
+
+    model: ServedEngine
+    replicas: int | None = Field(None, gt=0, description="fixed replica count; 1 when autoscaling is not set either")
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(0.5, ge=0, description="logical CPUs each replica reserves")
+    max_ongoing_requests: int = Field(32, gt=0, description="requests a replica holds at once")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="hf models: how long a batch waits to fill")
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> "ServedModel":
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either `replicas` or `autoscaling`, not both")
+        if isinstance(self.model, HFModel) and self.model.batch_size > self.max_ongoing_requests:
+            raise ValueError("model.batch_size is larger than max_ongoing_requests: batches could never fill")
+        return self
+
+
+class ServedIngress(_Strict):
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(256, gt=0, description="HTTP requests the ingress holds at once")
+
+
+class ServeAppConfig(_Strict):
+    """The served graph: what `dnc_ray.serve.app:build_app` takes (`args:` of a Serve config file)."""
+
+    decomposer: ServedModel
+    solver: ServedModel
+    ingress: ServedIngress = ServedIngress()
+    request_timeout_s: float = Field(60.0, gt=0, description="bound on one request over all its stages: then 504")
+    max_body_bytes: int = Field(65536, gt=0, description="larger request bodies get 413")
+    auth_token_env: str | None = Field(None, description="NAME of the env var holding the bearer token; null: no auth")
+    max_subquestions: int = Field(3, gt=0)
+
+
+class ServeConfig(ServeAppConfig):
+    """`dnc serve`: the served graph, where it listens and which Ray runs it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = Field("/", pattern=r"^/")
+    ray: RayConfig = RayConfig()

@@ -193,3 +193,9 @@ def test_hub_dataset_url_without_network_is_a_clear_error(monkeypatch):
     url = "hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet"
     with pytest.raises(TaskError, match=r"hf://datasets/openai/gsm8k.*cannot read"):
         load_rows(TaskConfig(name="gsm8k", split="test", path=url))
+
+
+def test_offset_and_limit_select_a_slice():
+    every = load_rows(TaskConfig(name="gsm8k", split="test", limit=12))
+    assert load_rows(TaskConfig(name="gsm8k", split="test", offset=8, limit=4)) == every[8:12]
+    assert load_rows(TaskConfig(name="bamboogle", split="test", offset=120))[0]["id"] == "bamboogle-120"

@@ -52,10 +52,10 @@ def input_rows(cfg: GenerateConfig) -> list[dict]:
     for row in rows:
         row.update(solution=None, prediction=None, solver=None, score=None, correct=None)
         row["usage"]["solve"] = None
-    if cfg.task.limit:  # the first `limit` questions, with all their samples
-        first_ids = list(dict.fromkeys(r["id"] for r in rows))[: cfg.task.limit]
-        rows = [r for r in rows if r["id"] in set(first_ids)]
-    return rows
+    ids = list(dict.fromkeys(r["id"] for r in rows))  # questions in order; offset/limit count questions
+    end = cfg.task.offset + cfg.task.limit if cfg.task.limit else None
+    kept = set(ids[cfg.task.offset : end])
+    return [r for r in rows if r["id"] in kept]
 
 
 def build_dataset(cfg: GenerateConfig, rows: list[dict]) -> ray.data.Dataset:

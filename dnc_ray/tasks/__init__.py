@@ -14,12 +14,13 @@ BENCHMARKS = {"gsm8k": gsm8k, "drop": drop, "bamboogle": bamboogle}
 
 
 def load_rows(cfg: TaskConfig) -> list[dict]:
-    """The task's rows (cfg.path replacing the bundled file when set), the first cfg.limit only."""
+    """The task's rows (cfg.path replacing the bundled file when set), cfg.limit of them from cfg.offset."""
     if cfg.name == "records":
         rows = records.load(cfg.path, cfg.fields, cfg.split)
     else:
         rows = BENCHMARKS[cfg.name].load(cfg.split, cfg.path)
-    return rows[: cfg.limit]
+    end = cfg.offset + cfg.limit if cfg.limit else None
+    return rows[cfg.offset : end]
 
 
 def scorer(cfg: TaskConfig) -> Callable[[str, list[list[str]]], tuple[float, bool]]:

@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dnc_ray.config import ConfigError, GenerateConfig, load_config
+from dnc_ray.config import ConfigError, GenerateConfig, PipelineConfig, ServeConfig, TrainConfig, load_config
 from dnc_ray.llm.models import ModelRefError
 from dnc_ray.tasks import TaskError
+from dnc_ray.train import TrainSetError
 
-USER_ERRORS = (ConfigError, TaskError, ModelRefError, FileNotFoundError)
+USER_ERRORS = (ConfigError, TaskError, TrainSetError, ModelRefError, FileNotFoundError)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from dnc_ray.stages.generate import run_generate
 
     run_generate(load_config(args.config, GenerateConfig))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dnc_ray.train.recipe import run_train
+
+    run_train(load_config(args.config, TrainConfig))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -33,12 +40,27 @@ def cmd_distill(args: argparse.Namespace) -> None:
     print(f"training set: {args.out}/train.parquet")
 
 
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from dnc_ray.pipeline import run_pipeline
+
+    run_pipeline(load_config(args.config, PipelineConfig))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from dnc_ray.serve.app import serve_forever
+
+    serve_forever(load_config(args.config, ServeConfig))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dnc", description="Divide-or-Conquer on Ray")
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="run a strategy over a task split with Ray Data")
     gen.add_argument("--config", required=True, help="generation YAML (jobs/configs/*.yaml)")
     gen.set_defaults(fn=cmd_generate)
+    tr = sub.add_parser("train", help="fine-tune a student on a distilled set with Ray Train + DeepSpeed")
+    tr.add_argument("--config", required=True, help="training YAML (jobs/configs/train-*.yaml)")
+    tr.set_defaults(fn=cmd_train)
     ev = sub.add_parser("evaluate", help="score runs; print and write report.md / report.json")
     ev.add_argument("runs", nargs="+", help="run output folders (or s3:// / gs:// URIs)")
     ev.set_defaults(fn=cmd_evaluate)
@@ -47,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
     dis.add_argument("--variant", required=True, choices=["sd-t", "sd-r", "se-t", "se-a"])
     dis.add_argument("--out", required=True, help="folder (or URI) for train.parquet and yield.json")
     dis.set_defaults(fn=cmd_distill)
+    pipe = sub.add_parser("pipeline", help="teacher -> S_D set -> student -> evaluation -> report, in one job")
+    pipe.add_argument("--config", required=True, help="pipeline YAML (jobs/configs/quickstart.yaml)")
+    pipe.set_defaults(fn=cmd_pipeline)
+    srv = sub.add_parser("serve", help="serve the decomposer -> solver graph over HTTP until Ctrl-C")
+    srv.add_argument("--config", required=True, help="serving YAML (jobs/configs/serve.yaml)")
+    srv.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -313,3 +313,48 @@ class ServeConfig(ServeAppConfig):
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = Field("/", pattern=r"^/")
     ray: RayConfig = RayConfig()
+
+
+# ---------------------------------------------------------------- the whole method (`dnc pipeline`)
+
+
+class StudentTraining(TrainConfig):
+    """TrainConfig of the pipeline's student: the pipeline fills in train_set, variant and output."""
+
+    train_set: str | None = None
+    variant: Literal[VARIANTS] | None = None
+    output: str | None = None
+
+
+class StudentDecomposer(HFModel):
+    """How the trained student decomposes at evaluation; the pipeline fills in `model`."""
+
+    engine: Literal["hf"] = "hf"
+    model: str | None = None
+
+
+class PipelineConfig(_Strict):
+    """Teacher run on train questions -> S_D set -> student decomposer -> evaluation on held-out ones."""
+
+    output: str = Field(description="folder or URI holding every stage's output and the report")
+    train_task: TaskConfig = Field(description="the questions the teacher decomposes for distillation")
+    eval_task: TaskConfig = Field(description="held-out questions for the evaluation")
+    teacher_decomposer: ModelConfig
+    teacher_solver: Annotated[Union[OpenAIModel, HFModel], Field(discriminator="engine")]
+    variant: Literal["sd-t", "sd-r"] = "sd-r"
+    num_samples: int = Field(1, gt=0, description="teacher decompositions per train question")
+    max_subquestions: int = Field(3, gt=0)
+    student: StudentTraining = StudentTraining()
+    student_decomposer: StudentDecomposer = StudentDecomposer()
+    progress_interval_s: float = Field(10.0, gt=0)
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _teacher_can_make_the_set(self) -> "PipelineConfig":
+        if isinstance(self.teacher_decomposer, ReferenceModel) and (
+            self.train_task.name != "gsm8k" or self.eval_task.name != "gsm8k"
+        ):
+            raise ValueError("the reference decomposer exists for task gsm8k only")
+        if self.num_samples > 1 and getattr(self.teacher_decomposer, "temperature", 0) == 0:
+            raise ValueError("num_samples > 1 needs a sampling teacher decomposer (temperature > 0)")
+        return self

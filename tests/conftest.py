@@ -17,7 +17,7 @@ from dnc_ray.prompts import DECOMPOSE_INSTRUCTION, SOLVE_INSTRUCTION  # noqa: E4
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 4 logical CPUs (2 real cores): enough for two actor pools and tasks."""
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray.get_runtime_context().gcs_address

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
-from dnc_ray.config import RayConfig
+from dnc_ray.config import ConfigError, RayConfig
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -15,9 +16,24 @@ def init_ray(cfg: RayConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints one progress line per interval instead
     ctx.enable_operator_progress_bars = False
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message when a host:port GCS address does not answer (ray.init waits minutes)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return  # "auto", ray://...: Ray resolves these itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); is it running? "
+            f"`ray status --address {address}` tells"
+        ) from None

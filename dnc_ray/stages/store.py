@@ -69,9 +69,12 @@ class RunStore:
         return {row_key(r) for r in self.read_rows() if r["error"] is None}
 
     def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
         self.fs.create_dir(self.root, recursive=True)
         with self.fs.open_output_stream(f"{self.root}/{name}") as f:
-            f.write(text.encode())
+            f.write(data)
 
     def _parts(self) -> list[str]:
         selector = pafs.FileSelector(f"{self.root}/rows", allow_not_found=True)

@@ -1,0 +1,143 @@
+"""`dnc pipeline`: the whole method in one job, every stage reused when its output is complete.
+
+    teacher run (train questions) -> S_D set -> student decomposer (Ray Train + DeepSpeed)
+      -> evaluation on held-out questions: direct, teacher/teacher, base student/teacher,
+         student/teacher -> report.md, report.json, cost_vs_accuracy.png
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pyarrow.fs as pafs
+
+from dnc_ray.config import GenerateConfig, PipelineConfig, TrainConfig
+from dnc_ray.distill import build_training_set, yield_table
+from dnc_ray.evaluate import evaluate_run, markdown_table
+from dnc_ray.stages.generate import run_generate
+from dnc_ray.stages.store import RunStore
+from dnc_ray.train.recipe import run_train
+
+REPORT_FILES = ("report.md", "report.json", "cost_vs_accuracy.png")
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    out = cfg.output.rstrip("/")
+    fs, root = _fs(out)
+    for name in REPORT_FILES:  # never leave an old report beside a run that did not finish
+        if _exists(fs, f"{root}/{name}"):
+            fs.delete_file(f"{root}/{name}")
+
+    _stage("teacher run")
+    run_generate(teacher_run(cfg, f"{out}/teacher"))
+    _stage(f"distill {cfg.variant}")
+    if _exists(fs, f"{root}/distill/train.parquet"):
+        print(f"[pipeline] reusing {out}/distill", flush=True)
+    else:
+        print(yield_table(build_training_set([f"{out}/teacher"], cfg.variant, f"{out}/distill")), flush=True)
+    _stage("train the student decomposer")
+    if _exists(fs, f"{root}/student/model/config.json"):
+        print(f"[pipeline] reusing {out}/student/model", flush=True)
+    else:
+        run_train(student_training(cfg, out))
+    reports = []
+    for name, gen in evaluation_runs(cfg, out).items():
+        _stage(f"evaluate {name}")
+        run_generate(gen)
+        reports.append({"name": name, **evaluate_run(gen.output)})
+    return write_report(cfg, out, reports)
+
+
+def teacher_run(cfg: PipelineConfig, output: str) -> GenerateConfig:
+    """S_D-T needs decompositions only; S_D-R needs them solved and scored."""
+    solve = cfg.variant == "sd-r"
+    return GenerateConfig(
+        task=cfg.train_task,
+        strategy="two_stage" if solve else "decompose",
+        output=output,
+        decomposer=cfg.teacher_decomposer,
+        solver=cfg.teacher_solver if solve else None,
+        num_samples=cfg.num_samples,
+        max_subquestions=cfg.max_subquestions,
+        progress_interval_s=cfg.progress_interval_s,
+        ray=cfg.ray,
+    )
+
+
+def student_training(cfg: PipelineConfig, out: str) -> TrainConfig:
+    fields = cfg.student.model_dump() | {"train_set": f"{out}/distill", "variant": cfg.variant, "output": f"{out}/student"}
+    return TrainConfig.model_validate(fields | {"ray": cfg.ray.model_dump()})
+
+
+def evaluation_runs(cfg: PipelineConfig, out: str) -> dict[str, GenerateConfig]:
+    """Direct, teacher/teacher, base student/teacher and trained student/teacher on the held-out questions."""
+    decoding = cfg.student_decomposer.model_dump()
+    decomposers = {
+        "teacher": cfg.teacher_decomposer,
+        "base-student": decoding | {"model": cfg.student.model},
+        "student": decoding | {"model": f"{out}/student/model"},
+    }
+    common = {"task": cfg.eval_task, "solver": cfg.teacher_solver, "max_subquestions": cfg.max_subquestions,
+              "progress_interval_s": cfg.progress_interval_s, "ray": cfg.ray}
+    runs = {"direct": GenerateConfig(strategy="direct", output=f"{out}/eval/direct", **common)}
+    for name, decomposer in decomposers.items():
+        runs[name] = GenerateConfig(strategy="two_stage", output=f"{out}/eval/{name}", decomposer=decomposer, **common)
+    return runs
+
+
+def write_report(cfg: PipelineConfig, out: str, reports: list[dict]) -> dict:
+    store = RunStore(out)
+    summary = {"config": cfg.model_dump(mode="json"), "runs": reports}
+    parse = ["| decomposer run | decomposed rows | mean sub-questions | share with 1-"
+             f"{cfg.max_subquestions} | share with none |", "|---|---|---|---|---|"]
+    for r in reports:
+        if r["subquestions"]:
+            s = r["subquestions"]
+            parse.append(f"| {r['name']} | {s['decomposed_rows']} | {s['mean']} | "
+                         f"{s[f'share_1_to_{cfg.max_subquestions}']} | {s['share_none']} |")
+    text = "\n\n".join(["# dnc pipeline report", markdown_table(reports), "## How the decompositions parse",
+                        "\n".join(parse), "![cost vs accuracy](cost_vs_accuracy.png)"])
+    store.write_text("report.md", text + "\n")
+    store.write_bytes("cost_vs_accuracy.png", cost_vs_accuracy_png(reports))
+    store.write_text("report.json", json.dumps(summary, indent=2))  # last: its presence means complete
+    print(text, flush=True)
+    return summary
+
+
+def cost_vs_accuracy_png(reports: list[dict]) -> bytes:
+    """Score against $ per 1,000 questions (tokens per question when every price is 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    priced = any(r["cost_usd"] > 0 for r in reports)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in reports:
+        tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for u in r["usage"].values())
+        x = r["cost_usd_per_1k_rows"] if priced else tokens / max(r["rows"], 1)
+        y = next(iter(r["scores"].values()), 0.0)
+        ax.scatter(x, y, s=60)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("$ per 1,000 questions" if priced else "tokens per question (all prices 0)")
+    ax.set_ylabel("score (%)")
+    ax.set_title("cost vs accuracy")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _stage(name: str) -> None:
+    print(f"[pipeline] === {name} ===", flush=True)
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File

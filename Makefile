@@ -19,11 +19,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 quickstart: setup
-	rm -rf runs/quickstart
-	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-direct.yaml
-	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-two-stage.yaml
-	$(VENV)/bin/dnc generate --config jobs/configs/quickstart-reference.yaml
-	$(VENV)/bin/dnc evaluate runs/quickstart/direct runs/quickstart/two-stage runs/quickstart/reference
+	$(VENV)/bin/dnc pipeline --config jobs/configs/quickstart.yaml
 
 bench: setup
 	$(PY) -m benchmarks.run

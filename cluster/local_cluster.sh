@@ -17,7 +17,7 @@ DASHBOARD_PORT=${DNC_DASHBOARD_PORT:-8265}
 HEAD_CPUS=${DNC_HEAD_CPUS:-2}
 WORKER_CPUS=${DNC_WORKER_CPUS:-2}
 RAY=${RAY:-ray}
-export RAY_TMPDIR="$DIR/tmp" RAY_AUTH_MODE=token
+export RAY_TMPDIR="$DIR/tmp" RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 
 node() {  # node NAME ARGS...: start one node in its own session, in the background
   local name=$1; shift

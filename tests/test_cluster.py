@@ -1,0 +1,115 @@
+"""The cluster path: manifests that parse and point at real files, and the pipeline as a `ray job submit`
+job on a local multi-node Ray (head + worker on loopback), re-submitted to reuse finished stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dnc_ray.config import PipelineConfig, load_config
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+
+def test_manifests_parse_and_point_at_real_entrypoints_and_configs():
+    manifests = sorted((ROOT / "cluster").rglob("*.yaml"))
+    assert {p.name for p in manifests} >= {"raycluster.yaml", "rayjob-pipeline.yaml", "rayservice.yaml", "aws.yaml"}
+    for path in manifests:
+        assert list(yaml.safe_load_all(path.read_text())), path
+    job = yaml.safe_load((ROOT / "cluster/kuberay/rayjob-pipeline.yaml").read_text())
+    _, script, flag, config = job["spec"]["entrypoint"].split()
+    assert (ROOT / script).exists() and flag == "--config"
+    load_config(ROOT / config, PipelineConfig)
+    service = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
+    from ray.serve.schema import ServeDeploySchema
+
+    served = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert served.applications[0].import_path == "dnc_ray.serve.app:build_app"
+    assert yaml.safe_load((ROOT / "cluster/serve_config.yaml").read_text())["applications"] == yaml.safe_load(
+        service["spec"]["serveConfigV2"])["applications"]
+    for stage in ("generate", "distill", "train", "evaluate", "pipeline"):
+        assert f'main(["{stage}"' in (ROOT / "jobs" / f"{stage}.py").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_cluster():
+    """A head and one worker on 127.0.0.2/127.0.0.3, stopped (its own process groups only) at the end."""
+    folder = tempfile.mkdtemp(prefix="dnc-c", dir="/tmp")  # short: Ray's socket paths have a length limit
+    dashboard = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DNC_CLUSTER_DIR": folder,
+           "DNC_CLUSTER_PORT": str(free_port()), "DNC_DASHBOARD_PORT": str(dashboard),
+           "DNC_HEAD_CPUS": "2", "DNC_WORKER_CPUS": "2"}
+    env.pop("RAY_ADDRESS", None)
+    script = str(ROOT / "cluster" / "local_cluster.sh")
+    try:
+        subprocess.run([script, "start", "1"], env=env, check=True, timeout=240)
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([script, "stop"], env=env, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def submit(address: str, env: dict, config: Path, submission_id: str) -> tuple[str, str]:
+    """`ray job submit` (waits for the end); returns the job's status and logs."""
+    from ray.job_submission import JobSubmissionClient
+
+    subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", str(ROOT),
+         "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--", "python", "jobs/pipeline.py",
+         "--config", str(config)],
+        env=env, timeout=1200, cwd=ROOT,
+    )
+    client = JobSubmissionClient(address)
+    return str(client.get_job_status(submission_id)), client.get_job_logs(submission_id)
+
+
+@pytest.mark.timeout(1800)
+def test_pipeline_job_on_a_local_cluster_then_reused(local_cluster, tmp_path, monkeypatch):
+    address, env = local_cluster
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    tiny = {"engine": "hf", "model": "tiny-random-smollm2", "batch_size": 2, "max_tokens": 8, "num_cpus": 0.5}
+    config = {
+        "output": str(tmp_path / "pipeline"),
+        "train_task": {"name": "gsm8k", "split": "test", "offset": 2, "limit": 8},
+        "eval_task": {"name": "gsm8k", "split": "test", "limit": 2},
+        "teacher_decomposer": {"engine": "reference"},
+        "teacher_solver": tiny,
+        "variant": "sd-t",
+        "student": {"model": "tiny-random-smollm2", "max_steps": 2, "per_worker_batch_size": 2, "max_length": 192,
+                    "num_workers": 2, "cpus_per_worker": 0.5, "checkpoint_every_steps": 2, "log_every_steps": 1,
+                    "lr": 1.0e-3},
+        "student_decomposer": {"batch_size": 2, "max_tokens": 8, "num_cpus": 0.5},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    status, logs = submit(address, env, path, "dnc-first")
+    assert status == "SUCCEEDED", logs[-3000:]
+    report = json.loads((tmp_path / "pipeline" / "report.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["direct", "teacher", "base-student", "student"]
+    assert all(r["rows"] == 2 and r["errors"] == 0 for r in report["runs"])
+    assert report["runs"][-1]["decomposer"].endswith("student/model")
+    assert (tmp_path / "pipeline" / "cost_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "pipeline" / "student" / "model" / "config.json").exists()
+
+    status, logs = submit(address, env, path, "dnc-again")
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "8 done earlier, 0 to run" in logs
+    assert f"reusing {tmp_path / 'pipeline'}/distill" in logs and "student/model" in logs
+    assert "[train]" not in logs  # no training the second time

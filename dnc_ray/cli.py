@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dnc_ray.config import ConfigError, GenerateConfig, PipelineConfig, ServeConfig, TrainConfig, load_config
+from dnc_ray.config import (
+    VARIANTS,
+    ConfigError,
+    GenerateConfig,
+    PipelineConfig,
+    ServeConfig,
+    TrainConfig,
+    load_config,
+)
 from dnc_ray.llm.models import ModelRefError
 from dnc_ray.tasks import TaskError
 from dnc_ray.train import TrainSetError
@@ -66,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_evaluate)
     dis = sub.add_parser("distill", help="build a training set (sd-t, sd-r, se-t, se-a) from scored runs")
     dis.add_argument("--run", required=True, nargs="+", help="scored teacher run(s)")
-    dis.add_argument("--variant", required=True, choices=["sd-t", "sd-r", "se-t", "se-a"])
+    dis.add_argument("--variant", required=True, choices=VARIANTS)
     dis.add_argument("--out", required=True, help="folder (or URI) for train.parquet and yield.json")
     dis.set_defaults(fn=cmd_distill)
     pipe = sub.add_parser("pipeline", help="teacher -> S_D set -> student -> evaluation -> report, in one job")

@@ -17,11 +17,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dnc_ray.config import ConfigError, GenerateConfig
-from dnc_ray.prompts import decompose_messages, format_subquestions, replace_answer, solve_messages
+from dnc_ray.config import VARIANTS, ConfigError, GenerateConfig
+from dnc_ray.prompts import (
+    decompose_messages,
+    format_subquestions,
+    replace_answer,
+    solve_messages,
+)
 from dnc_ray.stages.store import RunStore
-
-VARIANTS = ("sd-t", "sd-r", "se-t", "se-a")
 
 TRAIN_SCHEMA = pa.schema(
     [

@@ -19,7 +19,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from dnc_ray.config import ServeAppConfig
-from dnc_ray.serve.schema import ChatRequest, ChatResponse, ModelList, SolveRequest, SolveResponse
+from dnc_ray.serve.schema import (
+    ChatRequest,
+    ChatResponse,
+    ModelList,
+    SolveRequest,
+    SolveResponse,
+)
 
 if TYPE_CHECKING:
     from dnc_ray.serve.app import Ingress

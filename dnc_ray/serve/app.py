@@ -20,7 +20,13 @@ from ray.serve.metrics import Counter, Histogram
 
 from dnc_ray.config import HFModel, ServeAppConfig, ServeConfig, ServedModel
 from dnc_ray.llm import SamplingParams
-from dnc_ray.prompts import decompose_messages, direct_messages, extract_answer, parse_subquestions, solve_messages
+from dnc_ray.prompts import (
+    decompose_messages,
+    direct_messages,
+    extract_answer,
+    parse_subquestions,
+    solve_messages,
+)
 from dnc_ray.serve.api import build_api
 from dnc_ray.serve.deployments import LocalModel, RemoteModel
 from dnc_ray.serve.schema import (

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from dnc_ray.metrics import bamboogle_acc
-from dnc_ray.tasks.common import DATA_DIR, check_split, check_type, field, make_row, read_records
+from dnc_ray.tasks.common import (
+    DATA_DIR,
+    check_split,
+    check_type,
+    field,
+    make_row,
+    read_records,
+)
 
 SPLITS = ("test",)
 

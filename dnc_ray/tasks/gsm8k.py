@@ -5,7 +5,14 @@ from __future__ import annotations
 import functools
 
 from dnc_ray.metrics import gsm8k_em
-from dnc_ray.tasks.common import DATA_DIR, TaskError, check_split, field, make_row, read_records
+from dnc_ray.tasks.common import (
+    DATA_DIR,
+    TaskError,
+    check_split,
+    field,
+    make_row,
+    read_records,
+)
 
 SPLITS = ("train", "test")
 

@@ -30,10 +30,24 @@ import deepspeed
 import peft
 import pyarrow.fs as pafs
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -44,7 +58,13 @@ from dnc_ray.llm.models import resolve_model
 from dnc_ray.stages.runtime import init_ray
 from dnc_ray.stages.store import RunStore
 from dnc_ray.train import TrainSetError
-from dnc_ray.train.data import PadBatch, absolute, check_train_set, load_tokenizer, tokenized_dataset
+from dnc_ray.train.data import (
+    PadBatch,
+    absolute,
+    check_train_set,
+    load_tokenizer,
+    tokenized_dataset,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The real `dnc` entry point in a subprocess: user errors exit 2 with one clear line, before Ray or a model starts."""
 
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -280,3 +281,13 @@ def test_evaluate_a_corrupt_run_record(tmp_path, content):
     result = dnc("evaluate", str(tmp_path / "run"), cwd=tmp_path)
     assert_user_error(result, "evaluate")
     assert "run.json" in result.stderr
+
+
+def test_generate_unreachable_ray_address_fails_fast(tmp_path):
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {**direct_config(tmp_path / "out", limit=1), "ray": {"address": f"127.0.0.1:{port}"}}
+    result = dnc("generate", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    assert_user_error(result, "generate")
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in result.stderr

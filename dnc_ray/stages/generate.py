@@ -99,13 +99,14 @@ def run_generate(cfg: GenerateConfig) -> dict:
     rows = input_rows(cfg)
     done = store.done_keys()
     todo = [r for r in rows if row_key(r) not in done]
+    if todo:
+        init_ray(cfg.ray)  # before anything is written: an unreachable cluster leaves the output as it was
     print(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "
           f"{len(rows) - len(todo)} done earlier, {len(todo)} to run -> {cfg.output}", flush=True)
     meta["config"] = cfg.model_dump(mode="json")  # holds env var NAMES only, never keys
     store.write_meta(meta)
     progress = Progress("generate", len(todo), cfg.progress_interval_s)
     if todo:
-        init_ray(cfg.ray)
         for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="pyarrow"):
             store.write_rows(batch)
             progress.update(batch.num_rows, _errors(batch))

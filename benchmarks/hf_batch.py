@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks.report import bar_plot, table
 from dnc_ray.config import HFModel, TaskConfig
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.hf import HFEngine
@@ -49,3 +51,15 @@ def run(size: str) -> dict:
                          **{f"engine_batch_{b}": round(t, 1) for b, t in batched.items()}},
         "speedup_vs_one_by_one": {f"batch_{b}": round(t / baseline, 2) for b, t in batched.items()},
     }
+
+
+def render(result: dict, folder: Path) -> str:
+    speedups = {f"engine_{k}": v for k, v in result["speedup_vs_one_by_one"].items()}
+    rows = [{"what": name, "tokens/s": rate, "x one-by-one": speedups.get(name, 1.0 if name.startswith("one") else None)}
+            for name, rate in result["tokens_per_s"].items()]
+    return "\n\n".join([
+        table(rows, ["what", "tokens/s", "x one-by-one"]),
+        "Same prompts, same greedy decoding, same process; the engine pads on the left and runs one "
+        "`generate` per batch.",
+        bar_plot(folder, "hf_batch", result["tokens_per_s"], "generated tokens / s"),
+    ])

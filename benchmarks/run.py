@@ -2,7 +2,7 @@
 
     python -m benchmarks.run                      # every benchmark, full size
     python -m benchmarks.run --only teacher_http  # one of them
-    python -m benchmarks.run --size tiny          # smoke size: results/smoke/, README untouched
+    python -m benchmarks.run --size tiny          # smoke size: results/smoke/ and its own README
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from benchmarks.common import save
+import ray
+
+from benchmarks.common import RESULTS, save
 from benchmarks.report import write_readme
 
-BENCHMARKS = ["teacher_http", "hf_batch"]
+BENCHMARKS = ["teacher_http", "hf_batch", "serving", "training", "cost"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[bench] {name} ({args.size}) ...", flush=True)
         result = importlib.import_module(f"benchmarks.{name}").run(args.size)
         print(f"[bench] {name}: wrote {save(name, args.size, result)}", flush=True)
-    if args.size == "full":
-        print(f"[bench] wrote {write_readme()}")
+        ray.shutdown()  # each benchmark starts the local Ray it needs
+    print(f"[bench] wrote {write_readme(RESULTS if args.size == 'full' else RESULTS / 'smoke')}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,15 @@ for a hosted API (dnc_ray.llm.stub_server, in its own process). Every figure is 
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import openai
 
+from benchmarks.common import start_stub
+from benchmarks.report import bar_plot, table
 from dnc_ray.config import GenerateConfig, TaskConfig
 from dnc_ray.prompts import decompose_messages, solve_messages
 from dnc_ray.stages.generate import run_generate
@@ -21,49 +22,47 @@ from dnc_ray.stages.runtime import init_ray
 from dnc_ray.tasks import load_rows
 
 LATENCY_S = 0.2
+# in_flight: requests in flight in all, split evenly over the two stages' actors (decompose, solve).
 SIZES = {"tiny": {"rows": 64, "sequential_rows": 4, "in_flight": 16},
-         "full": {"rows": 2048, "sequential_rows": 25, "in_flight": 64}}
+         "full": {"rows": 4096, "sequential_rows": 25, "in_flight": 64}}
 
 
-def start_stub(latency_s: float) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "dnc_ray.llm.stub_server", "--port", str(port),
-                               "--latency-s", str(latency_s)], stdout=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
-    for _ in range(100):
-        try:
-            client.models.list()
-            return server, base_url
-        except openai.APIConnectionError:
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError("stub server did not start")
+def cpu_busy_share() -> Callable[[], float]:
+    """Start counting; the returned call gives the share of all cores' time spent busy since then."""
+    def ticks() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+    total0, idle0 = ticks()
+
+    def since() -> float:
+        total, idle = ticks()
+        return round(1 - (idle - idle0) / max(total - total0, 1), 3)
+    return since
 
 
-def sequential_rows_per_s(base_url: str, rows: list[dict]) -> float:
+def sequential_requests_per_s(base_url: str, rows: list[dict]) -> float:
     """How the paper's research code calls the API: one request after another, two per row."""
     client = openai.OpenAI(base_url=base_url, api_key="none")
     started = time.perf_counter()
     for row in rows:
         for messages in (decompose_messages(row["question"], None), solve_messages(row["question"], None, [])):
             client.chat.completions.create(model="stub-teacher", messages=messages, max_tokens=128)
-    return len(rows) / (time.perf_counter() - started)
+    return 2 * len(rows) / (time.perf_counter() - started)
 
 
-def ray_rows_per_s(base_url: str, n_rows: int, in_flight: int) -> tuple[float, int]:
+def ray_requests_per_s(base_url: str, n_rows: int, in_flight_per_stage: int) -> tuple[float, int, float]:
+    """Requests/s of a two_stage run (startup included), its error count and the cores' busy share."""
     teacher = {"engine": "openai", "model": "stub-teacher", "base_url": base_url, "api_key_env": None,
-               "max_in_flight": in_flight, "batch_size": 4 * in_flight, "max_tokens": 128}
+               "max_in_flight": in_flight_per_stage, "batch_size": 4 * in_flight_per_stage, "max_tokens": 128}
     with tempfile.TemporaryDirectory() as out:
         cfg = GenerateConfig.model_validate({
             "task": {"name": "gsm8k", "split": "train", "limit": n_rows}, "strategy": "two_stage",
             "output": out, "decomposer": teacher, "solver": teacher, "progress_interval_s": 30})
         init_ray(cfg.ray)
+        busy = cpu_busy_share()
         started = time.perf_counter()
         attempt = run_generate(cfg)
-        return n_rows / (time.perf_counter() - started), attempt["errors"]
+        return 2 * n_rows / (time.perf_counter() - started), attempt["errors"], busy()
 
 
 def run(size: str) -> dict:
@@ -71,16 +70,31 @@ def run(size: str) -> dict:
     server, base_url = start_stub(LATENCY_S)
     try:
         rows = load_rows(TaskConfig(name="gsm8k", split="train", limit=p["sequential_rows"]))
-        sequential = sequential_rows_per_s(base_url, rows)
-        ray_rate, errors = ray_rows_per_s(base_url, p["rows"], p["in_flight"])
+        sequential = sequential_requests_per_s(base_url, rows)
+        ray_rate, errors, busy = ray_requests_per_s(base_url, p["rows"], p["in_flight"] // 2)
     finally:
         server.kill()
-    ideal = p["in_flight"] / LATENCY_S  # both stages keep `in_flight` requests busy, overlapped
+    ideal = p["in_flight"] / LATENCY_S  # every request slot busy all the time
     return {
         "params": {"latency_s": LATENCY_S, **p, "requests_per_row": 2, "actors_per_stage": 1},
-        "rows_per_s": {"sequential_openai_loop": round(sequential, 2), "ray_data_two_stage": round(ray_rate, 2),
-                       "ideal": ideal},
+        "requests_per_s": {"sequential_openai_loop": round(sequential, 2), "ray_data_two_stage": round(ray_rate, 2),
+                           "ideal": ideal},
         "speedup_vs_sequential": round(ray_rate / sequential, 1),
         "share_of_ideal": round(ray_rate / ideal, 3),
+        "cpu_busy_share_during_run": busy,
         "errors": errors,
     }
+
+
+def render(result: dict, folder: Path) -> str:
+    rates = result["requests_per_s"]
+    rows = [{"what": name, "requests/s": rate, "rows/s": round(rate / 2, 2)} for name, rate in rates.items()]
+    return "\n\n".join([
+        table(rows, ["what", "requests/s", "rows/s"]),
+        f"Ratios (same run): {result['speedup_vs_sequential']}x the sequential loop, "
+        f"{result['share_of_ideal']:.1%} of the ideal ({result['params']['in_flight']} requests in flight / "
+        f"{result['params']['latency_s']} s). The cores were {result['cpu_busy_share_during_run']:.0%} busy during "
+        f"the Ray Data run (stand-in server, client and Ray on the same {result['machine']['cpu_cores']} cores); "
+        f"errors: {result['errors']}.",
+        bar_plot(folder, "teacher_http", rates, "requests / s"),
+    ])

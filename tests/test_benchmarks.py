@@ -1,4 +1,5 @@
-"""Each benchmark runs at its tiny size and writes a well-formed result (no thresholds: benchmarks measure)."""
+"""Each benchmark runs at its tiny size and writes a well-formed result and README section (no
+thresholds: benchmarks measure, tests check that what they write is whole and consistent)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,59 @@ SMOKE = ROOT / "benchmarks" / "results" / "smoke"
 ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests'
 
 
+def check_teacher_http(result: dict) -> None:
+    rates = result["requests_per_s"]
+    assert result["errors"] == 0 and all(v > 0 for v in rates.values())
+    assert rates["ideal"] == result["params"]["in_flight"] / result["params"]["latency_s"]
+    assert result["speedup_vs_sequential"] == pytest.approx(rates["ray_data_two_stage"] / rates["sequential_openai_loop"], rel=0.01)
+    assert 0 < result["cpu_busy_share_during_run"] <= 1
+
+
+def check_hf_batch(result: dict) -> None:
+    rates = result["tokens_per_s"]
+    assert set(rates) == {"one_by_one_generate"} | {f"engine_batch_{b}" for b in result["params"]["batches"]}
+    assert all(v > 0 for v in rates.values())
+
+
+def check_serving(result: dict) -> None:
+    for mode in ("batch_on", "batch_off"):
+        points = result["load"][mode]
+        assert list(points) == ["1", "4"]  # the tiny size's concurrency levels
+        for point in points.values():
+            assert point["requests"] > 0 and point["requests_per_s"] > 0
+            assert point["p50_s"] <= point["p95_s"] <= point["p99_s"]
+    for clients, o in result["overhead"].items():
+        direct, graph = o["direct_engines"], o["served_graph"]
+        assert direct["requests"] > 0 and graph["requests"] > 0
+        # every request waits for two upstream calls of the stand-in's latency, through either path
+        assert min(direct["p50_s"], graph["p50_s"]) >= 2 * result["params"]["upstream_latency_s"]
+        assert o["added_p50_s"] == pytest.approx(graph["p50_s"] - direct["p50_s"], abs=0.002)
+
+
+def check_training(result: dict) -> None:
+    assert [(r["zero_stage"], r["workers"]) for r in result["runs"]] == [(3, 1), (3, 2)]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0.1 for r in result["runs"])
+    by = result["tokens_per_s"]
+    assert result["speedup_2w_vs_1w"]["zero3"] == pytest.approx(by["zero3_2w"] / by["zero3_1w"], rel=0.01)
+
+
+def check_cost(result: dict) -> None:
+    m = result["per_1000_questions"]
+    assert list(m) == ["direct", "teacher/teacher", "student/teacher", "teacher/student-solver"]
+    assert all(s["errors"] == 0 and s["solve_tokens"] > 0 and s["gsm8k_em"] is not None for s in m.values())
+    assert m["direct"]["decompose_tokens"] == 0 and m["direct"]["decompose_usd"] == 0
+    assert all(m[name]["decompose_tokens"] > 0 for name in list(m)[1:])
+    # cost.yaml prices the student at 13/175 of the teacher: same tiny model, so same tokens, cheaper
+    assert m["student/teacher"]["decompose_usd"] < m["teacher/teacher"]["decompose_usd"]
+    assert result["paper_per_1000_questions"]["teacher/teacher"]["decompose_usd"] == pytest.approx(0.0986, abs=1e-4)
+
+
+CHECKS = {"teacher_http": check_teacher_http, "hf_batch": check_hf_batch, "serving": check_serving,
+          "training": check_training, "cost": check_cost}
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", ["teacher_http", "hf_batch"])
+@pytest.mark.parametrize("name", list(CHECKS))
 def test_benchmark_smoke(name):
     (SMOKE / f"{name}.json").unlink(missing_ok=True)
     subprocess.run([sys.executable, "-m", "benchmarks.run", "--only", name, "--size", "tiny"],
@@ -24,10 +76,6 @@ def test_benchmark_smoke(name):
     result = json.loads((SMOKE / f"{name}.json").read_text())
     assert result["benchmark"] == name and result["size"] == "tiny"
     assert result["machine"]["cpu_cores"] > 0 and "ray" in result["machine"]["versions"]
-    rates = result.get("rows_per_s") or result.get("tokens_per_s")
-    assert rates and all(v > 0 for v in rates.values())
-    if name == "teacher_http":
-        assert result["errors"] == 0
-        assert result["speedup_vs_sequential"] == pytest.approx(
-            result["rows_per_s"]["ray_data_two_stage"] / result["rows_per_s"]["sequential_openai_loop"], rel=0.01)
-
+    CHECKS[name](result)
+    readme = (SMOKE / "README.md").read_text()
+    assert f"## {name}" in readme and (SMOKE / f"{name}.png").stat().st_size > 1000

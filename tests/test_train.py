@@ -229,7 +229,10 @@ def assert_trained(cfg: TrainConfig, summary: dict, fall: float = 2.0) -> list[d
     output = Path(cfg.output)
     steps = metrics(output)
     assert [s["step"] for s in steps] == list(range(1, cfg.max_steps + 1))
-    assert all({"loss", "learning_rate", "train_tokens_per_second", "train_runtime"} <= s.keys() for s in steps)
+    assert all({"loss", "learning_rate", "train_tokens_per_second", "train_runtime", "peak_memory_gib"} <= s.keys()
+               for s in steps)
+    peaks = [s["peak_memory_gib"] for s in steps]
+    assert peaks[0] > 0.1 and peaks == sorted(peaks)  # a process with torch loaded; a peak never falls
     assert steps[-1]["loss"] < steps[0]["loss"] - fall, [s["loss"] for s in steps]
     assert summary["steps"] == cfg.max_steps and summary["final_loss"] == steps[-1]["loss"]
     assert summary["rows"] == summary["used"] == 12 and summary["dropped"] == summary["truncated"] == 0

@@ -11,8 +11,8 @@ Output folder (a path or URI):
                                            takes one of these. Running the same config again continues
                                            from the latest one, and so does a run restarted after a
                                            worker failure (FailureConfig(max_failures)).
-    metrics.jsonl                          one line per step (loss, learning_rate, tokens/s, elapsed),
-                                           rewritten at every checkpoint and at the end
+    metrics.jsonl                          one line per step (loss, learning_rate, tokens/s, elapsed,
+                                           rank 0's peak memory), rewritten at every checkpoint and at the end
     model/                                 the final model as a plain Transformers folder (ZeRO-3
                                            shards gathered, LoRA merged), chat template included
 """
@@ -24,12 +24,14 @@ import json
 import logging
 import math
 import os
+import resource
 import tempfile
 
 import deepspeed
 import peft
 import pyarrow.fs as pafs
 import ray.train
+import torch
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -134,7 +136,10 @@ class Progress(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         step = state.global_step
-        if "loss" not in logs or (step % self.every and step != state.max_steps):
+        if "loss" not in logs:
+            return
+        state.log_history[-1]["peak_memory_gib"] = peak_memory_gib()  # the entry of these logs
+        if step % self.every and step != state.max_steps:
             return
         ray.train.report({**logs, "step": step})  # every rank: a report is a barrier
         if state.is_world_process_zero:
@@ -149,6 +154,13 @@ class Progress(TrainerCallback):
             self.store.write_text("metrics.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
 
     on_train_end = on_save
+
+
+def peak_memory_gib() -> float:
+    """This worker's peak so far: GPU memory allocated by torch, or the process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is in KiB
 
 
 def train_loop_per_worker(config: dict) -> dict | None:

@@ -1,0 +1,200 @@
+"""Serving: a closed-loop load generator against the served graph's POST /v1/solve (two_stage).
+
+1. Load curve: N concurrent clients, each sending its next request as soon as the last one is answered,
+   for T seconds; requests/s and p50/p95/p99 latency against N, with `@serve.batch` on (batch_size 8)
+   and off (batch_size 1), local SmolLM2 as decomposer and solver.
+2. Graph overhead: the same load through the graph against calling the two engines directly from the
+   load generator (decompose, parse, solve: what the ingress does), both stages on an OpenAI-compatible
+   stand-in with a fixed latency, so the difference is the graph's own cost (HTTP proxy, ingress, handles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+from ray import serve
+from ray.serve.schema import LoggingConfig
+
+from benchmarks.common import start_stub
+from benchmarks.report import plt, save_figure, table
+from dnc_ray.config import OpenAIModel, RayConfig, ServeAppConfig, TaskConfig
+from dnc_ray.llm import SamplingParams
+from dnc_ray.llm.openai import OpenAIEngine
+from dnc_ray.prompts import decompose_messages, parse_subquestions, solve_messages
+from dnc_ray.serve.app import build_app
+from dnc_ray.stages.runtime import init_ray
+from dnc_ray.tasks import load_rows
+
+SIZES = {
+    "tiny": {"model": "tiny-random-smollm2", "max_tokens": [8, 8], "concurrency": [1, 4], "seconds": 3,
+             "overhead_concurrency": [1, 4], "overhead_seconds": 3, "upstream_latency_s": 0.05},
+    "full": {"model": "smollm2-135m-instruct", "max_tokens": [48, 64], "concurrency": [1, 4, 8, 16], "seconds": 40,
+             "overhead_concurrency": [1, 16], "overhead_seconds": 20, "upstream_latency_s": 0.2},
+}
+BATCHING = {"batch_on": 8, "batch_off": 1}
+
+Send = Callable[[str], Awaitable[None]]
+
+
+async def closed_loop(send: Send, questions: list[str], clients: int, seconds: float) -> dict:
+    """`clients` loops, each sending one question after another until `seconds` pass; latency per request."""
+    latencies: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def client(index: int) -> None:
+        turn = index
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            await send(questions[turn % len(questions)])
+            latencies.append(time.perf_counter() - started)
+            turn += clients
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return summarize(latencies, time.perf_counter() - started)
+
+
+def summarize(latencies: list[float], elapsed_s: float) -> dict:
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return {"requests": len(latencies), "requests_per_s": round(len(latencies) / elapsed_s, 3),
+            "p50_s": round(cuts[49], 3), "p95_s": round(cuts[94], 3), "p99_s": round(cuts[98], 3)}
+
+
+def http_sender(http: aiohttp.ClientSession, url: str) -> Send:
+    async def send(question: str) -> None:
+        async with http.post(url, json={"question": question, "strategy": "two_stage"}) as response:
+            response.raise_for_status()  # a failed request is not a measurement
+            await response.read()
+    return send
+
+
+def http_session(timeout_s: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                 connector=aiohttp.TCPConnector(limit=64))
+
+
+def direct_sender(decomposer: OpenAIEngine, solver: OpenAIEngine) -> Send:
+    """The two engines called in a row, as the ingress calls them, without the graph."""
+    async def send(question: str) -> None:
+        params = SamplingParams(max_tokens=64)
+        [decomposition] = await decomposer.agenerate([decompose_messages(question, None, 3)], params)
+        chat = solve_messages(question, None, parse_subquestions(decomposition.text))
+        [solution] = await solver.agenerate([chat], params)
+        if solution.error:
+            raise RuntimeError(solution.error)
+    return send
+
+
+def local_app(model: str, max_tokens: list[int], batch_size: int) -> ServeAppConfig:
+    def half(tokens: int) -> dict:
+        return {"model": {"engine": "hf", "model": model, "max_tokens": tokens, "batch_size": batch_size},
+                "num_cpus": 0.5, "batch_wait_timeout_s": 0.05}
+    return ServeAppConfig(decomposer=half(max_tokens[0]), solver=half(max_tokens[1]), request_timeout_s=600)
+
+
+def upstream_model(base_url: str) -> OpenAIModel:
+    return OpenAIModel(engine="openai", model="stub-teacher", base_url=base_url, api_key_env=None,
+                       max_in_flight=64, max_tokens=64, max_retries=0)
+
+
+def deploy(app: ServeAppConfig, port: int) -> str:
+    quiet = LoggingConfig(enable_access_log=False, log_level="WARNING")  # no log line per request
+    serve.run(build_app(app), name="bench", route_prefix="/", logging_config=quiet)
+    return f"http://127.0.0.1:{port}/v1/solve"
+
+
+async def load_curves(p: dict, questions: list[str], port: int) -> dict:
+    curves = {}
+    async with http_session(900) as http:
+        for mode, batch_size in BATCHING.items():
+            send = http_sender(http, deploy(local_app(p["model"], p["max_tokens"], batch_size), port))
+            await send(questions[0])  # warm-up: models loaded, first generate done
+            curves[mode] = {}
+            for clients in p["concurrency"]:
+                curves[mode][clients] = await closed_loop(send, questions, clients, p["seconds"])
+                print(f"[bench] serving {mode} c={clients}: {curves[mode][clients]}", flush=True)
+    return curves
+
+
+async def graph_overhead(p: dict, questions: list[str], port: int) -> dict:
+    server, base_url = start_stub(p["upstream_latency_s"])
+    try:
+        model = upstream_model(base_url)
+        served = {"model": model.model_dump(), "num_cpus": 0.25}
+        url = deploy(ServeAppConfig(decomposer=served, solver=served), port)
+        direct = direct_sender(OpenAIEngine(model), OpenAIEngine(model))
+        overhead = {}
+        async with http_session(120) as http:
+            graph = http_sender(http, url)
+            await graph(questions[0])
+            await direct(questions[0])
+            for clients in p["overhead_concurrency"]:
+                measured = {"direct_engines": await closed_loop(direct, questions, clients, p["overhead_seconds"]),
+                            "served_graph": await closed_loop(graph, questions, clients, p["overhead_seconds"])}
+                d, g = measured["direct_engines"]["p50_s"], measured["served_graph"]["p50_s"]
+                overhead[clients] = {**measured, "added_p50_s": round(g - d, 3), "added_p50_share": round((g - d) / d, 3)}
+                print(f"[bench] serving overhead c={clients}: +{overhead[clients]['added_p50_share']:.1%} at p50", flush=True)
+        return overhead
+    finally:
+        server.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(size: str) -> dict:
+    p = SIZES[size]
+    questions = [r["question"] for r in load_rows(TaskConfig(name="gsm8k", split="test", limit=64))]
+    init_ray(RayConfig(num_cpus=4))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        curves = asyncio.run(load_curves(p, questions, port))
+        overhead = asyncio.run(graph_overhead(p, questions, port))
+    finally:
+        serve.shutdown()
+    top = max(p["concurrency"])
+    return {
+        "params": {k: p[k] for k in ("model", "max_tokens", "seconds", "upstream_latency_s")} | {"batch_size": BATCHING},
+        "load": curves,
+        "overhead": overhead,
+        "speedup_batch_on_vs_off": round(curves["batch_on"][top]["requests_per_s"] / curves["batch_off"][top]["requests_per_s"], 2),
+        "graph_added_p50_share": {c: o["added_p50_share"] for c, o in overhead.items()},
+    }
+
+
+def render(result: dict, folder: Path) -> str:
+    load = [{"@serve.batch": mode, "clients": clients, **point} for mode, curve in result["load"].items()
+            for clients, point in curve.items()]
+    overhead = [{"clients": clients, "path": path, **o[path]} | {"added p50": f"{o['added_p50_s']} s ({o['added_p50_share']:.1%})"}
+                for clients, o in result["overhead"].items() for path in ("direct_engines", "served_graph")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    for mode, curve in result["load"].items():
+        clients = [int(c) for c in curve]
+        left.plot(clients, [p["requests_per_s"] for p in curve.values()], marker="o", label=mode)
+        right.plot(clients, [p["p50_s"] for p in curve.values()], marker="o", label=f"{mode} p50")
+        right.plot(clients, [p["p95_s"] for p in curve.values()], marker="x", linestyle="--", label=f"{mode} p95")
+    left.set(xlabel="concurrent clients", ylabel="requests / s")
+    right.set(xlabel="concurrent clients", ylabel="latency, s")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    columns = ["requests", "requests_per_s", "p50_s", "p95_s", "p99_s"]
+    params = result["params"]
+    return "\n\n".join([
+        f"### Load against concurrency: `@serve.batch` on (batch {params['batch_size']['batch_on']}) and off (batch 1)",
+        table(load, ["@serve.batch", "clients", *columns]),
+        f"At the highest concurrency, batching serves {result['speedup_batch_on_vs_off']}x the requests/s. "
+        f"Closed loop: each client sends its next question when the last is answered, for {params['seconds']} s.",
+        save_figure(fig, folder, "serving"),
+        f"### The composed graph's overhead (both stages on a stand-in API with {params['upstream_latency_s']} s latency)",
+        table(overhead, ["clients", "path", *columns, "added p50"]),
+    ])

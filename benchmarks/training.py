@@ -1,0 +1,95 @@
+"""Training: tokens/s and peak memory of `dnc train` (Ray Train + DeepSpeed) per ZeRO stage, 1 worker against 2.
+
+The training set is the S_D-T set of GSM8K's reference decompositions (no model call). Each run takes
+the same number of optimizer steps per worker; tokens/s is the steady rate (every token all workers
+saw after the first step, over the time it took), peak memory is rank 0's (resident memory on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from benchmarks.report import plt, save_figure, table
+from dnc_ray.config import GenerateConfig, RayConfig, TrainConfig
+from dnc_ray.distill import build_training_set
+from dnc_ray.stages.generate import run_generate
+from dnc_ray.stages.runtime import init_ray
+from dnc_ray.train.recipe import run_train
+
+SIZES = {
+    "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 1), (3, 2)]},
+    "full": {"model": "smollm2-135m-instruct", "rows": 64, "steps": 8,
+             "runs": [(stage, workers) for stage in (0, 2, 3) for workers in (1, 2)]},
+}
+BATCH_PER_WORKER, MAX_LENGTH = 4, 256
+
+
+def training_set(folder: str, rows: int) -> str:
+    decompositions = f"{folder}/reference"
+    run_generate(GenerateConfig(task={"name": "gsm8k", "split": "train", "limit": rows}, strategy="decompose",
+                                output=decompositions, decomposer={"engine": "reference"}, progress_interval_s=60))
+    build_training_set([decompositions], "sd-t", f"{folder}/sd-t")
+    return f"{folder}/sd-t"
+
+
+def steady_rate(steps: list[dict]) -> float:
+    """Tokens per second after the first step (its warm-up is not throughput)."""
+    first, last = steps[0], steps[-1]
+    return (last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["train_runtime"] - first["train_runtime"])
+
+
+def train_once(train_set: str, output: str, model: str, steps: int, zero_stage: int, workers: int) -> dict:
+    cfg = TrainConfig(train_set=train_set, variant="sd-t", model=model, output=output, max_length=MAX_LENGTH,
+                      max_steps=steps, per_worker_batch_size=BATCH_PER_WORKER, lr=1e-4, num_workers=workers,
+                      cpus_per_worker=1, checkpoint_every_steps=steps, log_every_steps=steps,
+                      deepspeed={"zero_stage": zero_stage})
+    run_train(cfg)
+    metrics = [json.loads(line) for line in Path(output, "metrics.jsonl").read_text().splitlines()]
+    return {"zero_stage": zero_stage, "workers": workers, "tokens_per_s": round(steady_rate(metrics), 1),
+            "peak_memory_gib": metrics[-1]["peak_memory_gib"], "final_loss": metrics[-1]["loss"]}
+
+
+def run(size: str) -> dict:
+    p = SIZES[size]
+    init_ray(RayConfig(num_cpus=4))
+    with tempfile.TemporaryDirectory(prefix="dnc-bench-train-") as folder:
+        train_set = training_set(folder, p["rows"])
+        runs = [train_once(train_set, f"{folder}/zero{stage}-w{workers}", p["model"], p["steps"], stage, workers)
+                for stage, workers in p["runs"]]
+    by_name = {f"zero{r['zero_stage']}_{r['workers']}w": r for r in runs}
+    result = {
+        "params": {"model": p["model"], "rows": p["rows"], "steps": p["steps"], "per_worker_batch_size": BATCH_PER_WORKER,
+                   "max_length": MAX_LENGTH, "cpus_per_worker": 1, "precision": "fp32"},
+        "tokens_per_s": {name: r["tokens_per_s"] for name, r in by_name.items()},
+        "peak_memory_gib": {name: r["peak_memory_gib"] for name, r in by_name.items()},
+        "runs": runs,
+    }
+    result["speedup_2w_vs_1w"] = {
+        f"zero{stage}": round(by_name[f"zero{stage}_2w"]["tokens_per_s"] / by_name[f"zero{stage}_1w"]["tokens_per_s"], 2)
+        for stage in sorted({r["zero_stage"] for r in runs}) if f"zero{stage}_1w" in by_name and f"zero{stage}_2w" in by_name
+    }
+    return result
+
+
+def render(result: dict, folder: Path) -> str:
+    rows = [{"ZeRO stage": r["zero_stage"], "workers": r["workers"], "tokens/s (all workers)": r["tokens_per_s"],
+             "peak memory GiB (rank 0)": r["peak_memory_gib"], "final loss": round(r["final_loss"], 3)}
+            for r in result["runs"]]
+    names = list(result["tokens_per_s"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    left.bar(names, [result["tokens_per_s"][n] for n in names], color="#4878a8")
+    left.set_ylabel("tokens / s")
+    right.bar(names, [result["peak_memory_gib"][n] for n in names], color="#a85848")
+    right.set_ylabel("peak memory, GiB (rank 0)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=30)
+    speedups = ", ".join(f"{stage}: {x}x" for stage, x in result["speedup_2w_vs_1w"].items()) or "-"
+    return "\n\n".join([
+        table(rows, list(rows[0])),
+        f"2 workers against 1 (same ZeRO stage, {result['params']['cpus_per_worker']} CPU each): {speedups}. "
+        "Tokens/s counts every worker's tokens after the first step; memory is the process's peak resident "
+        "memory on CPU (torch's peak allocation on GPU).",
+        save_figure(fig, folder, "training"),
+    ])

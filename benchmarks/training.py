@@ -1,6 +1,6 @@
 """Training: tokens/s and peak memory of `dnc train` (Ray Train + DeepSpeed) per ZeRO stage, 1 worker against 2.
 
-The training set is the S_D-T set of GSM8K's reference decompositions (no model call). Each run takes
+The training set is the S_D-T set of GSM8K test's reference (socratic) decompositions (no model call). Each run takes
 the same number of optimizer steps per worker; tokens/s is the steady rate (every token all workers
 saw after the first step, over the time it took), peak memory is rank 0's (resident memory on CPU).
 """
@@ -20,15 +20,15 @@ from dnc_ray.train.recipe import run_train
 
 SIZES = {
     "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 1), (3, 2)]},
-    "full": {"model": "smollm2-135m-instruct", "rows": 64, "steps": 8,
+    "full": {"model": "smollm2-135m-instruct", "rows": 64, "steps": 6,
              "runs": [(stage, workers) for stage in (0, 2, 3) for workers in (1, 2)]},
 }
-BATCH_PER_WORKER, MAX_LENGTH = 4, 256
+BATCH_PER_WORKER, MAX_LENGTH = 2, 256
 
 
 def training_set(folder: str, rows: int) -> str:
     decompositions = f"{folder}/reference"
-    run_generate(GenerateConfig(task={"name": "gsm8k", "split": "train", "limit": rows}, strategy="decompose",
+    run_generate(GenerateConfig(task={"name": "gsm8k", "split": "test", "limit": rows}, strategy="decompose",
                                 output=decompositions, decomposer={"engine": "reference"}, progress_interval_s=60))
     build_training_set([decompositions], "sd-t", f"{folder}/sd-t")
     return f"{folder}/sd-t"

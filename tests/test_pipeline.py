@@ -67,6 +67,15 @@ def test_two_stage_teacher_run_scored_and_reported(ray_local, tmp_path):
     assert "EM 50.0" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_an_openai_stage_keeps_its_requests_busy_across_batches(ray_local, tmp_path):
+    """Batches of 2 rows, 4 requests allowed per actor: only batches running at once in the actor reach 4; never more."""
+    with StubServer(reply=ScriptedTeacher(GOLD, RIGHT), latency_s=0.5) as server:
+        teacher = teacher_model(server, batch_size=2, max_in_flight=4)
+        attempt = run_generate(config(tmp_path / "run", strategy="decompose", decomposer=teacher))
+    assert attempt["rows"] == 16 and attempt["errors"] == 0
+    assert server.max_in_flight_seen == 4
+
+
 def test_samples_then_solve_from_the_decomposition_run(ray_local, tmp_path):
     with StubServer(reply=ScriptedTeacher(GOLD, set(GOLD))) as server:
         sampler = teacher_model(server, temperature=0.7)

@@ -2,7 +2,8 @@
 
     rows -> [decompose] -> [solve | direct] -> [score] -> driver writes each finished batch
 
-Each model stage is an actor pool (`ModelStage`); rows whose latest attempt succeeded are skipped.
+Each model stage is an actor pool (`ModelStage`, async `HTTPModelStage` for openai engines); rows whose
+latest attempt succeeded are skipped.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import datetime as dt
 import pyarrow as pa
 import ray
 
-from dnc_ray.config import STAGES_OF, ConfigError, GenerateConfig, ReferenceModel
+from dnc_ray.config import STAGES_OF, ConfigError, GenerateConfig, OpenAIModel, ReferenceModel
 from dnc_ray.stages.decompose import reference_decompose
-from dnc_ray.stages.model_stage import ModelStage
+from dnc_ray.stages.model_stage import HTTPModelStage, ModelStage
 from dnc_ray.stages.progress import Progress
 from dnc_ray.stages.rows import new_row, row_key, to_table
 from dnc_ray.stages.runtime import init_ray
@@ -24,6 +25,7 @@ from dnc_ray.tasks import load_rows, scorer
 
 # What makes two configs the same run (resumable into one output); the rest are runtime knobs.
 _MODEL_IDENTITY = {"engine", "model", "base_url", "temperature", "max_tokens"}
+HTTP_BATCHES_PER_ACTOR = 4  # batches an openai stage's actor holds at once (requests stay bounded by max_in_flight)
 
 
 def run_identity(cfg: GenerateConfig) -> dict:
@@ -76,12 +78,16 @@ def build_dataset(cfg: GenerateConfig, rows: list[dict]) -> ray.data.Dataset:
 def _model_stage(ds: ray.data.Dataset, stage: str, model, max_subquestions: int) -> ray.data.Dataset:
     if isinstance(model, ReferenceModel):
         return ds.map_batches(reference_decompose, batch_format="pyarrow", num_cpus=0)
+    if isinstance(model, OpenAIModel):  # async: several batches share one actor's requests in flight
+        udf, calls = HTTPModelStage, HTTP_BATCHES_PER_ACTOR
+    else:  # one model, one generate call at a time
+        udf, calls = ModelStage, None
     return ds.map_batches(
-        ModelStage,
+        udf,
         fn_constructor_args=(stage, model, max_subquestions),
         batch_size=model.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=model.actors),
+        compute=ray.data.ActorPoolStrategy(size=model.actors, max_concurrent_calls_per_actor=calls),
         num_cpus=model.num_cpus,
         num_gpus=getattr(model, "num_gpus", 0) or None,
     )

@@ -1,4 +1,4 @@
-"""A Ray Data actor that runs one model over batches of rows for one stage (decompose, solve, direct)."""
+"""Ray Data actors that run one model over batches of rows for one stage (decompose, solve, direct)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import pyarrow as pa
 
 from dnc_ray.config import HFModel, OpenAIModel
-from dnc_ray.llm import Completion, SamplingParams, make_engine
+from dnc_ray.llm import Completion, Messages, SamplingParams, make_engine
 from dnc_ray.stages.decompose import decompose_chat, record_decomposition
 from dnc_ray.stages.rows import to_table
 from dnc_ray.stages.solve import direct_chat, record_solution, solve_chat
@@ -31,6 +31,11 @@ class ModelStage:
         self.params = SamplingParams(temperature=model.temperature, max_tokens=model.max_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        rows, todo, chats = self._prepare(batch)
+        return self._finish(rows, todo, self.engine.generate(chats, self.params))
+
+    def _prepare(self, batch: pa.Table) -> tuple[list[dict], list[dict], list[Messages]]:
+        """All rows of the batch, the rows to run and their chats (a row failed upstream is kept as is)."""
         rows = batch.to_pylist()
         todo, chats = [], []
         for row in rows:
@@ -41,7 +46,10 @@ class ModelStage:
                 todo.append(row)
             except ValueError as e:
                 row["error"] = str(e)
-        for row, completion in zip(todo, self.engine.generate(chats, self.params)):
+        return rows, todo, chats
+
+    def _finish(self, rows: list[dict], todo: list[dict], completions: list[Completion]) -> pa.Table:
+        for row, completion in zip(todo, completions):
             self._apply(row, completion)
         return to_table(rows)
 
@@ -57,3 +65,12 @@ class ModelStage:
             row["error"] = f"{self.stage}: {completion.error or 'empty reply'}"
         else:
             self.record(row, completion)
+
+
+class HTTPModelStage(ModelStage):
+    """An `openai` engine's stage, async: Ray Data runs several batches at once in one actor, so the
+    engine's `max_in_flight` requests stay busy across batch boundaries instead of draining at each."""
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        rows, todo, chats = self._prepare(batch)
+        return self._finish(rows, todo, await self.engine.agenerate(chats, self.params))

@@ -79,11 +79,13 @@ SCHEDULES = {
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
     """The DeepSpeed config; the Trainer fills each "auto" from the TrainingArguments below."""
-    zero = {"stage": cfg.deepspeed.zero_stage}
+    # Bucket sizes from the model's hidden size (DeepSpeed's fixed defaults hold 5e8 elements)
+    zero = {"stage": cfg.deepspeed.zero_stage, "reduce_bucket_size": "auto"}
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.deepspeed.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold whole weights
+        zero |= {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
     schedule = SCHEDULES[cfg.schedule]
     params = {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear", **schedule["params"]}
     return {

@@ -17,9 +17,13 @@ ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own loc
 
 
 def check_teacher_http(result: dict) -> None:
-    rates = result["requests_per_s"]
-    assert result["errors"] == 0 and all(v > 0 for v in rates.values())
-    assert rates["ideal"] == result["params"]["in_flight"] / result["params"]["latency_s"]
+    rates, p, seconds = result["requests_per_s"], result["params"], result["seconds"]
+    assert result["errors"] == 0
+    assert all(rates[k] > 0 for k in ("sequential_openai_loop", "ray_data_two_stage", "ideal"))
+    assert rates["ideal"] == p["in_flight"] / p["latency_s"]
+    assert rates["ray_data_two_stage"] == pytest.approx(2 * p["rows"] / seconds["run"], rel=0.01)
+    assert rates["ray_data_two_stage_steady"] == pytest.approx(
+        2 * (p["rows"] - p["short_rows"]) / (seconds["run"] - seconds["short_run"]), rel=0.01)
     assert result["speedup_vs_sequential"] == pytest.approx(rates["ray_data_two_stage"] / rates["sequential_openai_loop"], rel=0.01)
     assert 0 < result["cpu_busy_share_during_run"] <= 1
 

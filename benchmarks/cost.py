@@ -144,7 +144,9 @@ def render(result: dict, folder: Path) -> str:
     return "\n\n".join([
         "Per 1000 questions; tokens are input + output over both stages, measured on the same questions. "
         f"Teacher: `{p['teacher']['model']}`, student decomposer: `{p['student_decomposer']['model']}`, "
-        f"student solver: `{p['student_solver']['model']}`; prices in the parameters above.",
+        f"student solver: `{p['student_solver']['model']}`; prices in the parameters above. The EM columns "
+        "are those of these models, the paper's of GPT-3.5 and its distilled Vicuna-13B students: compare "
+        "tokens and $, not scores.",
         table(rows, list(rows[0])),
         f"Decomposing with the student costs {ratio}x less than with the teacher (paper: 13x).",
         save_figure(fig, folder, "cost"),

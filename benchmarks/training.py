@@ -19,7 +19,7 @@ from dnc_ray.stages.runtime import init_ray
 from dnc_ray.train.recipe import run_train
 
 SIZES = {
-    "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 1), (3, 2)]},
+    "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 2)]},
     "full": {"model": "smollm2-135m-instruct", "rows": 64, "steps": 6,
              "runs": [(stage, workers) for stage in (0, 2, 3) for workers in (1, 2)]},
 }

@@ -50,10 +50,10 @@ def check_serving(result: dict) -> None:
 
 
 def check_training(result: dict) -> None:
-    assert [(r["zero_stage"], r["workers"]) for r in result["runs"]] == [(3, 1), (3, 2)]
-    assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0.1 for r in result["runs"])
-    by = result["tokens_per_s"]
-    assert result["speedup_2w_vs_1w"]["zero3"] == pytest.approx(by["zero3_2w"] / by["zero3_1w"], rel=0.01)
+    [run] = result["runs"]  # the tiny size: ZeRO-3 on 2 workers
+    assert (run["zero_stage"], run["workers"]) == (3, 2)
+    assert run["tokens_per_s"] > 0 and run["peak_memory_gib"] > 0.1
+    assert result["tokens_per_s"] == {"zero3_2w": run["tokens_per_s"]} and result["speedup_2w_vs_1w"] == {}
 
 
 def check_cost(result: dict) -> None:

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=10
 
 quickstart: setup
 	$(VENV)/bin/dnc pipeline --config jobs/configs/quickstart.yaml

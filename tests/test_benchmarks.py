@@ -21,10 +21,13 @@ def check_teacher_http(result: dict) -> None:
     assert result["errors"] == 0
     assert all(rates[k] > 0 for k in ("sequential_openai_loop", "ray_data_two_stage", "ideal"))
     assert rates["ideal"] == p["in_flight"] / p["latency_s"]
-    assert rates["ray_data_two_stage"] == pytest.approx(2 * p["rows"] / seconds["run"], rel=0.01)
-    assert rates["ray_data_two_stage_steady"] == pytest.approx(
-        2 * (p["rows"] - p["short_rows"]) / (seconds["run"] - seconds["short_run"]), rel=0.01)
-    assert result["speedup_vs_sequential"] == pytest.approx(rates["ray_data_two_stage"] / rates["sequential_openai_loop"], rel=0.01)
+    assert rates["ray_data_two_stage"] == pytest.approx(2 * p["rows"] / seconds["run"])
+    extra_s = seconds["run"] - seconds["short_run"]  # at the tiny size start-up noise may outweigh the extra rows
+    if extra_s > 0:
+        assert rates["ray_data_two_stage_steady"] == pytest.approx(2 * (p["rows"] - p["short_rows"]) / extra_s)
+    else:
+        assert rates["ray_data_two_stage_steady"] is None and result["steady_share_of_ideal"] is None
+    assert result["speedup_vs_sequential"] == pytest.approx(rates["ray_data_two_stage"] / rates["sequential_openai_loop"], abs=0.05)
     assert 0 < result["cpu_busy_share_during_run"] <= 1
 
 

@@ -104,7 +104,8 @@ def render(result: dict, folder: Path) -> str:
         f"Ratios (same run): end to end (Ray Data start-up included), {result['speedup_vs_sequential']}x the "
         f"sequential loop and {result['share_of_ideal']:.1%} of the ideal ({result['params']['in_flight']} requests in flight / "
         f"{result['params']['latency_s']} s); steady ({result['params']['rows']} rows less a "
-        f"{result['params']['short_rows']}-row run, over the time difference), {steady}. The cores were {result['cpu_busy_share_during_run']:.0%} busy during "
+        f"{result['params']['short_rows']}-row run, over the time difference: a few % of noise either way), "
+        f"{steady}. The cores were {result['cpu_busy_share_during_run']:.0%} busy during "
         f"the Ray Data run (stand-in server, client and Ray on the same {result['machine']['cpu_cores']} cores); "
         f"errors: {result['errors']}.",
         bar_plot(folder, "teacher_http", rates, "requests / s"),

@@ -46,10 +46,15 @@ def save(name: str, size: str, result: dict) -> Path:
     return path
 
 
-def start_stub(latency_s: float) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_stub(latency_s: float) -> tuple[subprocess.Popen, str]:
+    """The stand-in OpenAI-compatible server in its own process, once it answers."""
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "dnc_ray.llm.stub_server", "--port", str(port),
                                "--latency-s", str(latency_s)], stdout=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import aiohttp
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
-from benchmarks.common import start_stub
+from benchmarks.common import free_port, start_stub
 from benchmarks.report import plt, save_figure, table
 from dnc_ray.config import OpenAIModel, RayConfig, ServeAppConfig, TaskConfig
 from dnc_ray.llm import SamplingParams
@@ -79,10 +78,9 @@ def http_session(timeout_s: float) -> aiohttp.ClientSession:
                                  connector=aiohttp.TCPConnector(limit=64))
 
 
-def direct_sender(decomposer: OpenAIEngine, solver: OpenAIEngine) -> Send:
+def direct_sender(decomposer: OpenAIEngine, solver: OpenAIEngine, params: SamplingParams) -> Send:
     """The two engines called in a row, as the ingress calls them, without the graph."""
     async def send(question: str) -> None:
-        params = SamplingParams(max_tokens=64)
         [decomposition] = await decomposer.agenerate([decompose_messages(question, None, 3)], params)
         chat = solve_messages(question, None, parse_subquestions(decomposition.text))
         [solution] = await solver.agenerate([chat], params)
@@ -128,7 +126,8 @@ async def graph_overhead(p: dict, questions: list[str], port: int) -> dict:
         model = upstream_model(base_url)
         served = {"model": model.model_dump(), "num_cpus": 0.25}
         url = deploy(ServeAppConfig(decomposer=served, solver=served), port)
-        direct = direct_sender(OpenAIEngine(model), OpenAIEngine(model))
+        params = SamplingParams(temperature=model.temperature, max_tokens=model.max_tokens)  # what the ingress sends
+        direct = direct_sender(OpenAIEngine(model), OpenAIEngine(model), params)
         overhead = {}
         async with http_session(120) as http:
             graph = http_sender(http, url)
@@ -143,12 +142,6 @@ async def graph_overhead(p: dict, questions: list[str], port: int) -> dict:
         return overhead
     finally:
         server.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(size: str) -> dict:

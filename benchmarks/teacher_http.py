@@ -9,9 +9,9 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import openai
+import psutil
 
 from benchmarks.common import start_stub
 from benchmarks.report import bar_plot, table
@@ -25,19 +25,6 @@ LATENCY_S = 0.2
 # in_flight: requests in flight in all, split evenly over the two stages' actors (decompose, solve).
 SIZES = {"tiny": {"rows": 192, "short_rows": 16, "sequential_rows": 4, "in_flight": 16},
          "full": {"rows": 4096, "short_rows": 512, "sequential_rows": 25, "in_flight": 64}}
-
-
-def cpu_busy_share() -> Callable[[], float]:
-    """Start counting; the returned call gives the share of all cores' time spent busy since then."""
-    def ticks() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
-    total0, idle0 = ticks()
-
-    def since() -> float:
-        total, idle = ticks()
-        return round(1 - (idle - idle0) / max(total - total0, 1), 3)
-    return since
 
 
 def sequential_requests_per_s(base_url: str, rows: list[dict]) -> float:
@@ -59,10 +46,10 @@ def ray_run(base_url: str, n_rows: int, in_flight_per_stage: int) -> tuple[float
             "task": {"name": "gsm8k", "split": "train", "limit": n_rows}, "strategy": "two_stage",
             "output": out, "decomposer": teacher, "solver": teacher, "progress_interval_s": 30})
         init_ray(cfg.ray)
-        busy = cpu_busy_share()
+        psutil.cpu_percent()  # starts the count: the next call gives the busy share since this one
         started = time.perf_counter()
         attempt = run_generate(cfg)
-        return time.perf_counter() - started, attempt["errors"], busy()
+        return time.perf_counter() - started, attempt["errors"], psutil.cpu_percent() / 100
 
 
 def run(size: str) -> dict:

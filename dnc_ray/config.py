@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dnc_ray.tasks import RECORDS, TASKS, get_task
 
 
 class ConfigError(ValueError):
@@ -80,7 +82,7 @@ ModelConfig = Annotated[Union[OpenAIModel, HFModel, ReferenceModel], Field(discr
 
 
 class TaskConfig(_Strict):
-    name: Literal["gsm8k", "drop", "bamboogle", "records"]
+    name: str = Field(description="a task of dnc_ray.tasks.TASKS (gsm8k, drop, bamboogle), or records")
     split: str = "test"
     path: str | None = Field(None, description="local JSONL/Parquet replacing the bundled data")
     offset: int = Field(0, ge=0, description="skip the first N rows (e.g. to hold questions out)")
@@ -88,7 +90,23 @@ class TaskConfig(_Strict):
     fields: dict[str, str] | None = Field(
         None, description="records only: row field -> column in the file (question, answers, context, id)"
     )
-    metric: Literal["gsm8k", "drop", "bamboogle"] | None = Field(None, description="records only")
+    metric: str | None = Field(
+        None, description="records only: the task whose metric and prompt rules the records take"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        if name not in TASKS and name != RECORDS:
+            raise ValueError(f"unknown task {name!r}; known tasks: {', '.join([*TASKS, RECORDS])}")
+        return name
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str | None) -> str | None:
+        if metric is not None and metric not in TASKS:
+            raise ValueError(f"unknown metric {metric!r}: name a task, one of {', '.join(TASKS)}")
+        return metric
 
     @model_validator(mode="after")
     def _records_need_path_and_metric(self) -> "TaskConfig":
@@ -120,9 +138,17 @@ class GenerateConfig(_Strict):
     solver: ModelConfig | None = None
     decompositions: str | None = Field(None, description="strategy solve: the run holding decompositions")
     num_samples: int = Field(1, gt=0, description="decompositions sampled per question")
-    max_subquestions: int = Field(3, gt=0)
+    max_subquestions: int | None = Field(
+        None, gt=0, description="None: the task's default (the paper: 2 on Bamboogle, 3 elsewhere)"
+    )
     progress_interval_s: float = Field(10.0, gt=0)
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _max_subquestions_of_the_task(self) -> "GenerateConfig":
+        if self.max_subquestions is None:
+            self.max_subquestions = get_task(self.task).rules.max_subquestions
+        return self
 
     @model_validator(mode="after")
     def _strategy_has_its_models(self) -> "GenerateConfig":
@@ -303,7 +329,9 @@ class ServeAppConfig(_Strict):
     request_timeout_s: float = Field(60.0, gt=0, description="bound on one request over all its stages: then 504")
     max_body_bytes: int = Field(65536, gt=0, description="larger request bodies get 413")
     auth_token_env: str | None = Field(None, description="NAME of the env var holding the bearer token; null: no auth")
-    max_subquestions: int = Field(3, gt=0)
+    max_subquestions: int | None = Field(
+        None, gt=0, description="None: the request's task's default (2 on Bamboogle), else 3"
+    )
 
 
 class ServeConfig(ServeAppConfig):
@@ -343,11 +371,22 @@ class PipelineConfig(_Strict):
     teacher_solver: Annotated[Union[OpenAIModel, HFModel], Field(discriminator="engine")]
     variant: Literal["sd-t", "sd-r"] = "sd-r"
     num_samples: int = Field(1, gt=0, description="teacher decompositions per train question")
-    max_subquestions: int = Field(3, gt=0)
+    max_subquestions: int | None = Field(
+        None,
+        gt=0,
+        description="None: the task's default (the paper: 2 on Bamboogle, 3 elsewhere), taken from train_task; "
+        "the teacher, the student's training prompts and the evaluation all use it",
+    )
     student: StudentTraining = StudentTraining()
     student_decomposer: StudentDecomposer = StudentDecomposer()
     progress_interval_s: float = Field(10.0, gt=0)
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _max_subquestions_of_the_task(self) -> "PipelineConfig":
+        if self.max_subquestions is None:
+            self.max_subquestions = get_task(self.train_task).rules.max_subquestions
+        return self
 
     @model_validator(mode="after")
     def _teacher_can_make_the_set(self) -> "PipelineConfig":

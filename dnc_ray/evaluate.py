@@ -7,11 +7,9 @@ import json
 from dnc_ray.config import GenerateConfig
 from dnc_ray.stages.score import score_rows
 from dnc_ray.stages.store import RunStore
-from dnc_ray.tasks import scorer
+from dnc_ray.tasks import get_task, scorer
 
 STAGES = ("decompose", "solve")
-# Which row columns hold each task's metrics: mean(correct) is EM/accuracy, mean(score) is DROP's F1.
-METRICS = {"gsm8k": {"em": "correct"}, "drop": {"em": "correct", "f1": "score"}, "bamboogle": {"acc": "correct"}}
 
 
 def evaluate_run(uri: str) -> dict:
@@ -31,7 +29,6 @@ def evaluate_run(uri: str) -> dict:
 
 
 def summarize(cfg: GenerateConfig, rows: list[dict], attempts: list[dict]) -> dict:
-    metric_task = cfg.task.metric if cfg.task.name == "records" else cfg.task.name
     n = len(rows)
     elapsed = sum(a["elapsed_s"] for a in attempts)
     report = {
@@ -48,9 +45,10 @@ def summarize(cfg: GenerateConfig, rows: list[dict], attempts: list[dict]) -> di
         "subquestions": _subquestion_stats(rows, cfg.max_subquestions),
     }
     if cfg.strategy != "decompose":
+        # the task's metrics, report name -> row column: mean(correct) is EM/accuracy, mean(score) DROP's F1
         report["scores"] = {
             name: round(100 * sum(float(r[col] or 0) for r in rows) / n, 2) if n else 0.0
-            for name, col in METRICS[metric_task].items()
+            for name, col in get_task(cfg.task).metrics.items()
         }
     report["cost_usd"] = round(sum(u["cost_usd"] for u in report["usage"].values()), 6)
     report["cost_usd_per_1k_rows"] = round(1000 * report["cost_usd"] / n, 4) if n else 0.0

@@ -10,9 +10,11 @@ from dnc_ray.config import (
     GenerateConfig,
     HFModel,
     OpenAIModel,
+    PipelineConfig,
     Price,
     RayConfig,
     ReferenceModel,
+    ServeAppConfig,
     TaskConfig,
     load_config,
 )
@@ -150,7 +152,16 @@ def test_unknown_task_name(tmp_path):
     text = VALID.replace("name: gsm8k", "name: gsm9k")
     message = error_of(tmp_path, text)
     assert "task.name" in message and f"line {line_of(text, 'gsm9k')}" in message
-    assert "gsm8k" in message  # the allowed values are listed
+    assert "unknown task 'gsm9k'" in message
+    assert "known tasks: gsm8k, drop, bamboogle, records" in message  # the registry's tasks are listed
+
+
+def test_unknown_records_metric(tmp_path):
+    text = "task:\n  name: records\n  path: r.jsonl\n  metric: squad\n"
+    text += "strategy: direct\noutput: o\nsolver: {engine: hf}\n"
+    message = error_of(tmp_path, text)
+    assert "line 4" in message and "task.metric" in message
+    assert "unknown metric 'squad'" in message and "gsm8k, drop, bamboogle" in message
 
 
 def test_unknown_strategy(tmp_path):
@@ -248,6 +259,53 @@ def test_cross_field_error_from_file_names_file_and_line(tmp_path):
     text = "task:\n  name: records\n  metric: gsm8k\nstrategy: direct\noutput: o\nsolver: {engine: hf}\n"
     message = error_of(tmp_path, text, "records.yaml")
     assert "line 1" in message and "`task`" in message and "records needs `path` and `metric`" in message
+
+
+# ---------------------------------------------------------------- max_subquestions: the task's default
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [
+        ({"name": "bamboogle"}, 2),
+        ({"name": "gsm8k"}, 3),
+        ({"name": "drop", "split": "dev"}, 3),
+        ({"name": "records", "path": "r.jsonl", "metric": "bamboogle"}, 2),
+        ({"name": "records", "path": "r.jsonl", "metric": "gsm8k"}, 3),
+    ],
+)
+def test_max_subquestions_unset_is_the_tasks(task, expected):
+    cfg = GenerateConfig.model_validate(config(task=task))
+    assert cfg.max_subquestions == expected
+    assert GenerateConfig.model_validate(cfg.model_dump(mode="json")).max_subquestions == expected
+
+
+def test_max_subquestions_explicit_wins(tmp_path):
+    assert GenerateConfig.model_validate(config(task={"name": "bamboogle"}, max_subquestions=3)).max_subquestions == 3
+    assert GenerateConfig.model_validate(config(max_subquestions=1)).max_subquestions == 1
+    assert "max_subquestions" in validate_error(config(max_subquestions=0))
+    path = write(tmp_path, "task: {name: bamboogle}\nstrategy: direct\noutput: o\nsolver: {engine: hf}\n")
+    assert load_config(path, GenerateConfig).max_subquestions == 2
+
+
+def test_pipeline_max_subquestions_is_the_train_tasks():
+    base = {
+        "output": "o",
+        "train_task": {"name": "bamboogle"},
+        "eval_task": {"name": "gsm8k"},
+        "teacher_decomposer": dict(HF),
+        "teacher_solver": dict(HF),
+    }
+    assert PipelineConfig.model_validate(base).max_subquestions == 2
+    swapped = {**base, "train_task": {"name": "gsm8k"}, "eval_task": {"name": "bamboogle"}}
+    assert PipelineConfig.model_validate(swapped).max_subquestions == 3
+    assert PipelineConfig.model_validate({**base, "max_subquestions": 3}).max_subquestions == 3
+
+
+def test_serve_max_subquestions_left_to_the_request():
+    graph = {"decomposer": {"model": dict(HF)}, "solver": {"model": dict(HF)}}
+    assert ServeAppConfig.model_validate(graph).max_subquestions is None  # the serve app resolves it per request
+    assert ServeAppConfig.model_validate({**graph, "max_subquestions": 2}).max_subquestions == 2
 
 
 def test_solver_reference_from_file(tmp_path):

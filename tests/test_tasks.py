@@ -1,12 +1,21 @@
+import ast
 import json
+import operator
+import re
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dnc_ray.config import TaskConfig
-from dnc_ray.tasks import TaskError, load_rows, scorer
+from dnc_ray.config import GenerateConfig, TaskConfig
+from dnc_ray.evaluate import summarize
+from dnc_ray.stages.rows import ROW_SCHEMA, new_row
+from dnc_ray.stages.score import score_rows
+from dnc_ray.tasks import GENERIC_RULES, TASKS, PromptRules, Task, TaskError, get_task, load_rows, scorer
 from dnc_ray.tasks.gsm8k import reference_subquestions
+from dnc_ray.tasks.task import demonstrations
 
 ROW_KEYS = {"id", "task", "split", "question", "context", "answers"}
 
@@ -199,3 +208,172 @@ def test_offset_and_limit_select_a_slice():
     every = load_rows(TaskConfig(name="gsm8k", split="test", limit=12))
     assert load_rows(TaskConfig(name="gsm8k", split="test", offset=8, limit=4)) == every[8:12]
     assert load_rows(TaskConfig(name="bamboogle", split="test", offset=120))[0]["id"] == "bamboogle-120"
+
+
+# ---------------------------------------------------------------- the registry: one Task per file
+
+
+def test_registry_holds_the_benchmarks_with_their_rules():
+    assert list(TASKS) == ["gsm8k", "drop", "bamboogle"]
+    assert all(isinstance(t, Task) and isinstance(t.rules, PromptRules) for t in TASKS.values())
+    gsm8k, drop, bamboogle = TASKS["gsm8k"], TASKS["drop"], TASKS["bamboogle"]
+    assert (gsm8k.splits, drop.splits, bamboogle.splits) == (("train", "test"), ("dev",), ("test",))
+    assert gsm8k.metrics == {"em": "correct"}
+    assert drop.metrics == {"em": "correct", "f1": "score"}
+    assert bamboogle.metrics == {"acc": "correct"}
+    # the paper's cap: 2 sub-questions on Bamboogle, 3 elsewhere; DROP answers in at most five words
+    assert (gsm8k.rules.max_subquestions, drop.rules.max_subquestions, bamboogle.rules.max_subquestions) == (3, 3, 2)
+    assert [t.rules.short_answer for t in (gsm8k, drop, bamboogle)] == [False, True, False]
+    assert [t.rules.bare_direct_prompt for t in (gsm8k, drop, bamboogle)] == [False, False, True]
+    assert all(set(t.metrics.values()) <= set(ROW_SCHEMA.names) for t in TASKS.values())
+    assert get_task(TaskConfig(name="drop", split="dev")) is drop
+
+
+def test_records_take_the_rules_and_metrics_of_their_metric(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"question": "q?", "answers": "Paris"}])
+    task = get_task(TaskConfig(name="records", path=path, metric="bamboogle", split="mine"))
+    assert task.name == "records"
+    assert task.rules == TASKS["bamboogle"].rules and task.metrics == {"acc": "correct"}
+    assert task.score is TASKS["bamboogle"].score
+    assert task.load("mine", path)[0]["question"] == "q?"  # the records loader, not bamboogle's
+    drop_like = get_task(TaskConfig(name="records", path=path, metric="drop"))
+    assert drop_like.rules.short_answer and drop_like.metrics == {"em": "correct", "f1": "score"}
+    assert load_rows(TaskConfig(name="records", path=path, metric="drop", split="mine"))[0]["split"] == "mine"
+
+
+def test_generic_rules_hold_one_demonstration_of_each_style():
+    assert GENERIC_RULES.max_subquestions == 3
+    assert not GENERIC_RULES.short_answer and not GENERIC_RULES.bare_direct_prompt
+    assert demonstrations(GENERIC_RULES.self_ask_examples) == [
+        demonstrations(TASKS[name].rules.self_ask_examples)[0] for name in ("gsm8k", "drop", "bamboogle")
+    ]
+
+
+def test_tasks_package_does_not_import_config():
+    """dnc_ray.config imports dnc_ray.tasks, so the tasks must not import the config back at runtime."""
+    code = "import sys, dnc_ray.tasks; assert 'dnc_ray.config' not in sys.modules, 'tasks imported config'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_registered_task_loads_and_scores_through_evaluate(monkeypatch):
+    """Adding a task = one Task object named in TASKS: config, loading, scoring and the report follow."""
+    seen = []
+
+    def load(split, path):
+        seen.append((split, path))
+        return [
+            {"id": f"toy-{i}", "task": "toy", "split": split, "question": f"{i} + {i}?", "context": None,
+             "answers": [[str(2 * i)]]}
+            for i in range(4)
+        ]
+
+    def score(prediction, answers):
+        correct = any(prediction.strip() == spans[0] for spans in answers)
+        return float(correct), correct
+
+    toy = Task("toy", ("test",), load, score, {"hits": "correct"}, PromptRules(max_subquestions=4))
+    monkeypatch.setitem(TASKS, "toy", toy)
+
+    rows = load_rows(TaskConfig(name="toy", offset=1, limit=2))
+    assert [r["id"] for r in rows] == ["toy-1", "toy-2"] and seen == [("test", None)]
+    with pytest.raises(TaskError, match="task toy has no split 'dev'; available: test"):
+        load_rows(TaskConfig(name="toy", split="dev"))
+
+    cfg = GenerateConfig.model_validate(
+        {"task": {"name": "toy", "limit": 2, "offset": 1}, "strategy": "direct", "output": "o",
+         "solver": {"engine": "hf"}}
+    )
+    assert cfg.max_subquestions == 4  # the task's rules give the default
+    cfg = GenerateConfig.model_validate(cfg.model_dump(mode="json"))  # as `dnc evaluate` reads run.json
+    solved = []
+    for row, prediction in zip(load_rows(cfg.task), ["2", "5"]):
+        solved.append(new_row(row))
+        solved[-1]["prediction"] = prediction
+    score_rows(solved, scorer(cfg.task))
+    assert [(r["score"], r["correct"]) for r in solved] == [(1.0, True), (0.0, False)]
+    report = summarize(cfg, solved, [{"rows": 2, "elapsed_s": 1.0}])
+    assert report["scores"] == {"hits": 50.0} and report["task"] == "toy/test"
+
+
+# ---------------------------------------------------------------- self-ask demonstrations
+
+_FOLLOW_UP, _ANSWER, _FINAL = "Follow up: ", "Intermediate answer: ", "So the final answer is: "
+
+
+def parse_demonstration(text: str) -> dict:
+    """One demonstration in the self-ask format, checked line by line; its parts."""
+    lines = text.split("\n")
+    context = lines.pop(0)[len("Context: ") :] if lines[0].startswith("Context: ") else None
+    assert lines[0].startswith("Question: ") and lines[0].endswith("?"), lines[0]
+    assert lines[1] in ("Are follow up questions needed here: Yes.", "Are follow up questions needed here: No.")
+    assert lines[-1].startswith(_FINAL) and lines[-1][len(_FINAL) :].strip(), lines[-1]
+    steps = lines[2:-1]
+    assert len(steps) % 2 == 0, steps
+    pairs = [(steps[i], steps[i + 1]) for i in range(0, len(steps), 2)]
+    for follow_up, answer in pairs:  # every "Follow up:" line is followed by an "Intermediate answer:" line
+        assert follow_up.startswith(_FOLLOW_UP) and follow_up.endswith("?"), follow_up
+        assert answer.startswith(_ANSWER) and answer[len(_ANSWER) :].strip(), answer
+    assert (lines[1].endswith("Yes.")) == bool(pairs)
+    return {
+        "context": context,
+        "question": lines[0][len("Question: ") :],
+        "follow_ups": [f[len(_FOLLOW_UP) :] for f, _ in pairs],
+        "answers": [a[len(_ANSWER) :] for _, a in pairs],
+        "final": lines[-1][len(_FINAL) :],
+    }
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "drop", "bamboogle"])
+def test_self_ask_examples_parse(name):
+    rules = TASKS[name].rules
+    examples = demonstrations(rules.self_ask_examples)
+    assert len(examples) == 4
+    assert "\n\n".join(examples) == rules.self_ask_examples  # one blank line between demonstrations
+    parsed = [parse_demonstration(e) for e in examples]
+    assert all(len(p["follow_ups"]) <= rules.max_subquestions for p in parsed)
+    assert all((p["context"] is not None) == (name == "drop") for p in parsed)
+    if name == "bamboogle":
+        assert sorted(len(p["follow_ups"]) for p in parsed) == [0, 2, 2, 2]  # one needs no follow-up
+    else:
+        assert all(2 <= len(p["follow_ups"]) <= 3 for p in parsed)
+    if name == "drop":
+        for p in parsed:
+            assert 3 <= len(re.split(r"(?<=[.!?])\s+", p["context"].strip())) <= 5, p["context"]
+            assert all(len(a.split()) <= 5 for a in [*p["answers"], p["final"]]), p
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _calculate(expression: str) -> float:
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        assert isinstance(node, ast.BinOp) and type(node.op) in _OPS, ast.dump(node)
+        return _OPS[type(node.op)](value(node.left), value(node.right))
+
+    return value(ast.parse(expression.replace(" x ", " * "), mode="eval").body)
+
+
+def test_gsm8k_examples_arithmetic():
+    """Each intermediate answer is "<calculation> = <result> <unit>.", rightly computed; the last is the final answer."""
+    for example in demonstrations(TASKS["gsm8k"].rules.self_ask_examples):
+        parsed = parse_demonstration(example)
+        results = []
+        for answer in parsed["answers"]:
+            match = re.fullmatch(r"([\d .x+\-/]+?) = (\d+(?:\.\d+)?) [a-z]+\.", answer)
+            assert match, answer
+            assert _calculate(match[1]) == float(match[2]), answer
+            # a calculation uses the question's numbers or earlier results
+            numbers = set(re.findall(r"\d+", parsed["question"] + " " + parsed["follow_ups"][len(results)]))
+            assert set(re.findall(r"\d+", match[1])) <= numbers | set(results), answer
+            results.append(match[2])
+        assert parsed["final"] == results[-1]
+
+
+def test_drop_examples_arithmetic():
+    first, second = (parse_demonstration(e) for e in demonstrations(TASKS["drop"].rules.self_ask_examples)[:2])
+    assert "61-yard touchdown pass" in first["context"] and "37-yard field goal" in first["context"]
+    assert int(first["final"]) == 61 - 37
+    assert "31.5% had children" in second["context"] and float(second["final"]) == 100 - 31.5

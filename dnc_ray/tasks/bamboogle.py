@@ -11,8 +11,40 @@ from dnc_ray.tasks.common import (
     make_row,
     read_records,
 )
+from dnc_ray.tasks.task import PromptRules, Task
 
 SPLITS = ("test",)
+
+# Self-ask demonstrations (original text of this project): two-hop factual questions, and one
+# that needs no follow-up.
+SELF_ASK_EXAMPLES = """\
+Question: Who was the British monarch when people first landed on the Moon?
+Are follow up questions needed here: Yes.
+Follow up: When did people first land on the Moon?
+Intermediate answer: In July 1969.
+Follow up: Who was the British monarch in July 1969?
+Intermediate answer: Queen Elizabeth II.
+So the final answer is: Elizabeth II
+
+Question: In what city was the composer of the opera Carmen born?
+Are follow up questions needed here: Yes.
+Follow up: Who composed the opera Carmen?
+Intermediate answer: Georges Bizet.
+Follow up: In what city was Georges Bizet born?
+Intermediate answer: Paris.
+So the final answer is: Paris
+
+Question: Who wrote the novel Pride and Prejudice?
+Are follow up questions needed here: No.
+So the final answer is: Jane Austen
+
+Question: What is the currency of the country whose capital is Canberra?
+Are follow up questions needed here: Yes.
+Follow up: Which country has Canberra as its capital?
+Intermediate answer: Australia.
+Follow up: What is the currency of Australia?
+Intermediate answer: The Australian dollar.
+So the final answer is: the Australian dollar"""
 
 
 def load(split: str, path: str | None) -> list[dict]:
@@ -31,3 +63,13 @@ def load(split: str, path: str | None) -> list[dict]:
 def score(prediction: str, answers: list[list[str]]) -> tuple[float, bool]:
     value = bamboogle_acc(prediction, answers)
     return value, value == 1.0
+
+
+TASK = Task(
+    name="bamboogle",
+    splits=SPLITS,
+    load=load,
+    score=score,
+    metrics={"acc": "correct"},
+    rules=PromptRules(max_subquestions=2, bare_direct_prompt=True, self_ask_examples=SELF_ASK_EXAMPLES),
+)

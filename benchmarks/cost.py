@@ -24,9 +24,9 @@ from dnc_ray.config import (
     load_config,
 )
 from dnc_ray.evaluate import evaluate_run
+from dnc_ray.infra.cluster import init_ray
 from dnc_ray.pipeline import run_pipeline
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.stages.runtime import init_ray
 
 CONFIG = Path(__file__).parent / "cost.yaml"
 TINY_MODEL = {"model": "tiny-random-smollm2", "max_tokens": 8}

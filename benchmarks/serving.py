@@ -23,11 +23,11 @@ from ray.serve.schema import LoggingConfig
 from benchmarks.common import free_port, start_stub
 from benchmarks.report import plt, save_figure, table
 from dnc_ray.config import OpenAIModel, RayConfig, ServeAppConfig, TaskConfig
+from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm import SamplingParams
 from dnc_ray.llm.openai import OpenAIEngine
 from dnc_ray.prompts import decompose_messages, parse_subquestions, solve_messages
 from dnc_ray.serve.app import build_app
-from dnc_ray.stages.runtime import init_ray
 from dnc_ray.tasks import load_rows
 
 SIZES = {

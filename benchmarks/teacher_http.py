@@ -16,9 +16,9 @@ import psutil
 from benchmarks.common import start_stub
 from benchmarks.report import bar_plot, table
 from dnc_ray.config import GenerateConfig, TaskConfig
+from dnc_ray.infra.cluster import init_ray
 from dnc_ray.prompts import decompose_messages, solve_messages
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.stages.runtime import init_ray
 from dnc_ray.tasks import load_rows
 
 LATENCY_S = 0.2

@@ -14,8 +14,8 @@ from pathlib import Path
 from benchmarks.report import plt, save_figure, table
 from dnc_ray.config import GenerateConfig, RayConfig, TrainConfig
 from dnc_ray.distill import build_training_set
+from dnc_ray.infra.cluster import init_ray
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.stages.runtime import init_ray
 from dnc_ray.train.recipe import run_train
 
 SIZES = {

@@ -10,21 +10,20 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter, defaultdict
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dnc_ray.config import VARIANTS, ConfigError, GenerateConfig
+from dnc_ray.infra import storage
+from dnc_ray.infra.store import RunStore
 from dnc_ray.prompts import (
     decompose_messages,
     format_subquestions,
     replace_answer,
     solve_messages,
 )
-from dnc_ray.stages.store import RunStore
 
 TRAIN_SCHEMA = pa.schema(
     [
@@ -87,11 +86,11 @@ def build_training_set(runs: list[str], variant: str, out: str) -> dict:
 
 
 def _write(out: str, table: pa.Table, summary: dict) -> None:
-    fs, root = pafs.FileSystem.from_uri(out if "://" in out else os.path.abspath(out))
-    fs.create_dir(root, recursive=True)
-    pq.write_table(table, f"{root}/train.parquet", filesystem=fs)
-    with fs.open_output_stream(f"{root}/yield.json") as f:
-        f.write(json.dumps(summary, indent=2).encode())
+    """Both files atomic: the pipeline reuses a train.parquet that exists, so it must never be a part of one."""
+    parquet = pa.BufferOutputStream()
+    pq.write_table(table, parquet)
+    storage.write_bytes(storage.join(out, "train.parquet"), parquet.getvalue().to_pybytes())
+    storage.write_text(storage.join(out, "yield.json"), json.dumps(summary, indent=2))
 
 
 def yield_table(report: dict) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from dnc_ray.config import GenerateConfig
+from dnc_ray.infra import storage
+from dnc_ray.infra.store import RunStore
 from dnc_ray.stages.score import score_rows
-from dnc_ray.stages.store import RunStore
 from dnc_ray.tasks import get_task, scorer
 
 STAGES = ("decompose", "solve")
@@ -23,8 +24,8 @@ def evaluate_run(uri: str) -> dict:
     if cfg.strategy != "decompose":
         score_rows(rows, scorer(cfg.task))
     report = summarize(cfg, rows, meta["attempts"])
-    store.write_text("report.json", json.dumps(report, indent=2))
-    store.write_text("report.md", markdown_table([report]) + "\n")
+    storage.write_text(storage.join(uri, "report.json"), json.dumps(report, indent=2))
+    storage.write_text(storage.join(uri, "report.md"), markdown_table([report]) + "\n")
     return report
 
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-
-import pyarrow.fs as pafs
 
 from dnc_ray.config import GenerateConfig, PipelineConfig, TrainConfig
 from dnc_ray.distill import build_training_set, yield_table
 from dnc_ray.evaluate import evaluate_run, markdown_table
+from dnc_ray.infra import storage
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.stages.store import RunStore
 from dnc_ray.train.recipe import run_train
 
 REPORT_FILES = ("report.md", "report.json", "cost_vs_accuracy.png")
@@ -25,20 +22,18 @@ REPORT_FILES = ("report.md", "report.json", "cost_vs_accuracy.png")
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     out = cfg.output.rstrip("/")
-    fs, root = _fs(out)
     for name in REPORT_FILES:  # never leave an old report beside a run that did not finish
-        if _exists(fs, f"{root}/{name}"):
-            fs.delete_file(f"{root}/{name}")
+        storage.delete(storage.join(out, name))
 
     _stage("teacher run")
     run_generate(teacher_run(cfg, f"{out}/teacher"))
     _stage(f"distill {cfg.variant}")
-    if _exists(fs, f"{root}/distill/train.parquet"):
+    if storage.exists(storage.join(out, "distill", "train.parquet")):
         print(f"[pipeline] reusing {out}/distill", flush=True)
     else:
         print(yield_table(build_training_set([f"{out}/teacher"], cfg.variant, f"{out}/distill")), flush=True)
     _stage("train the student decomposer")
-    if _exists(fs, f"{root}/student/model/config.json"):
+    if storage.exists(storage.join(out, "student", "model", "config.json")):
         print(f"[pipeline] reusing {out}/student/model", flush=True)
     else:
         run_train(student_training(cfg, out))
@@ -88,7 +83,6 @@ def evaluation_runs(cfg: PipelineConfig, out: str) -> dict[str, GenerateConfig]:
 
 
 def write_report(cfg: PipelineConfig, out: str, reports: list[dict]) -> dict:
-    store = RunStore(out)
     summary = {"config": cfg.model_dump(mode="json"), "runs": reports}
     parse = ["| decomposer run | decomposed rows | mean sub-questions | share with 1-"
              f"{cfg.max_subquestions} | share with none |", "|---|---|---|---|---|"]
@@ -99,9 +93,9 @@ def write_report(cfg: PipelineConfig, out: str, reports: list[dict]) -> dict:
                          f"{s[f'share_1_to_{cfg.max_subquestions}']} | {s['share_none']} |")
     text = "\n\n".join(["# dnc pipeline report", markdown_table(reports), "## How the decompositions parse",
                         "\n".join(parse), "![cost vs accuracy](cost_vs_accuracy.png)"])
-    store.write_text("report.md", text + "\n")
-    store.write_bytes("cost_vs_accuracy.png", cost_vs_accuracy_png(reports))
-    store.write_text("report.json", json.dumps(summary, indent=2))  # last: its presence means complete
+    storage.write_text(storage.join(out, "report.md"), text + "\n")
+    storage.write_bytes(storage.join(out, "cost_vs_accuracy.png"), cost_vs_accuracy_png(reports))
+    storage.write_text(storage.join(out, "report.json"), json.dumps(summary, indent=2))  # last: its presence means complete
     print(text, flush=True)
     return summary
 
@@ -134,10 +128,3 @@ def cost_vs_accuracy_png(reports: list[dict]) -> bytes:
 def _stage(name: str) -> None:
     print(f"[pipeline] === {name} ===", flush=True)
 
-
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type == pafs.FileType.File

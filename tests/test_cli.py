@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from dnc_ray.config import GenerateConfig, Price
+from dnc_ray.infra.store import RunStore
 from dnc_ray.stages.generate import run_identity  # imports ray; starts nothing
 from dnc_ray.stages.rows import new_row, to_table
-from dnc_ray.stages.store import RunStore
 
 TIMEOUT_S = 120
 

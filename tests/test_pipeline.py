@@ -14,9 +14,9 @@ import yaml
 from conftest import ScriptedTeacher, question_of
 from dnc_ray.config import GenerateConfig, TaskConfig
 from dnc_ray.evaluate import evaluate_run
+from dnc_ray.infra.store import RunStore
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.stages.store import RunStore
 from dnc_ray.tasks import load_rows
 
 pytestmark = pytest.mark.timeout(300)

@@ -29,11 +29,11 @@ from ray.serve.schema import ServeDeploySchema
 
 from conftest import question_of
 from dnc_ray.config import ConfigError, GenerateConfig, ServeAppConfig, ServeConfig, TaskConfig, load_config
+from dnc_ray.infra.store import RunStore
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.serve.app import build_app
 from dnc_ray.serve.schema import MODELS
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.stages.store import RunStore
 from dnc_ray.tasks import load_rows
 
 ROOT = Path(__file__).parent.parent

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from dnc_ray.infra.store import RunStore
 from dnc_ray.stages.rows import new_row, to_table
-from dnc_ray.stages.store import RunStore
 
 
 def row(qid: str, error: str | None = None, solution: str | None = None) -> dict:

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dnc_ray.infra import storage
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,10 +75,8 @@ def _cached(name: str, build) -> Path:
 
 
 def _copy_folder(uri: str, out: Path) -> None:
-    import pyarrow.fs as pafs
-
     try:
-        pafs.copy_files(uri, str(out))
+        storage.copy_folder(uri, str(out))
     except (OSError, ValueError) as e:
         raise ModelRefError(f"model reference {uri!r}: cannot copy the folder: {e}") from None
     if not (out / "config.json").exists():

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from dnc_ray.config import HFModel, ServeAppConfig, ServeConfig, ServedModel
+from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm import SamplingParams
 from dnc_ray.prompts import (
     decompose_messages,
@@ -42,7 +43,6 @@ from dnc_ray.serve.schema import (
     StageUsage,
     Usage,
 )
-from dnc_ray.stages.runtime import init_ray
 
 APP_NAME = "dnc"
 STAGE_OF_MODEL = {"decomposer": "decompose", "solver": "solve"}

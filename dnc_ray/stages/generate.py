@@ -14,13 +14,13 @@ import pyarrow as pa
 import ray
 
 from dnc_ray.config import STAGES_OF, ConfigError, GenerateConfig, OpenAIModel, ReferenceModel
+from dnc_ray.infra.cluster import init_ray
+from dnc_ray.infra.progress import Progress
+from dnc_ray.infra.store import RunStore
 from dnc_ray.stages.decompose import reference_decompose
 from dnc_ray.stages.model_stage import HTTPModelStage, ModelStage
-from dnc_ray.stages.progress import Progress
 from dnc_ray.stages.rows import new_row, row_key, to_table
-from dnc_ray.stages.runtime import init_ray
 from dnc_ray.stages.score import score_batch
-from dnc_ray.stages.store import RunStore
 from dnc_ray.tasks import load_rows, scorer
 
 # What makes two configs the same run (resumable into one output); the rest are runtime knobs.

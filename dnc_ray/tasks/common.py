@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow.parquet as pq
+
+from dnc_ray.infra import storage
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -21,8 +22,8 @@ class TaskError(ValueError):
 def read_records(path: str | Path) -> Iterator[tuple[int, str, dict]]:
     """Yield (1-based line or row number, "<file> line|row <n>", record) of a JSONL or .parquet file.
 
-    `path` is a local path or an fsspec URL: hf://datasets/<org>/<name>/<file> (Hugging Face, where
-    there is network), s3://, gs://, file://.
+    `path` is a local path or a storage URI (infra/storage.py): hf://datasets/<org>/<name>/<file>
+    (Hugging Face, where there is network), s3://, gs://, file://.
     """
     if str(path).endswith(".parquet"):
         for number, record in enumerate(_parquet_records(path), start=1):
@@ -53,7 +54,7 @@ def _parquet_records(path: str | Path) -> list[dict]:
 
 def _open(path: str | Path):
     try:
-        return fsspec.open(str(path), "rb").open()
+        return storage.open_input(str(path))
     except Exception as e:  # each filesystem raises its own errors (missing file, no network, no package)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise TaskError(f"{path}: cannot read: {reason}") from None

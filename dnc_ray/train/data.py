@@ -12,11 +12,9 @@ prompt alone fills `max_length` is dropped (nothing left to learn). Both counts 
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -24,6 +22,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dnc_ray.infra import storage
 from dnc_ray.llm.engine import Messages
 from dnc_ray.llm.models import resolve_model
 from dnc_ray.train import TrainSetError
@@ -33,27 +32,20 @@ IGNORE = -100  # the label that takes no loss
 _TOKENS = pa.list_(pa.int32())
 
 
-def absolute(uri: str) -> str:
-    """A local path made absolute (Ray workers run elsewhere); URIs unchanged."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-
 def check_train_set(uri: str, variant: str) -> int:
     """Check every Parquet file of the set (columns, non-empty targets, only `variant`); returns the row count."""
-    fs, root = pafs.FileSystem.from_uri(absolute(uri))
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
+    fs, root = storage.filesystem(uri)
+    if not storage.exists(uri):
         raise TrainSetError(f"train set {uri}: no such file or folder")
     files = [root]
-    if info.type == pafs.FileType.Directory:
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(i.path for i in found if i.path.endswith(".parquet"))
+    if storage.is_folder(uri):
+        files = [f"{root.rstrip('/')}/{name}" for name in storage.list_files(uri, ".parquet")]
         if not files:
             raise TrainSetError(f"train set {uri}: the folder holds no .parquet files")
     return sum(_check_file(fs, path, variant) for path in files)
 
 
-def _check_file(fs: pafs.FileSystem, path: str, variant: str) -> int:
+def _check_file(fs: storage.FileSystem, path: str, variant: str) -> int:
     names = pq.read_schema(path, filesystem=fs).names
     missing = [c for c in COLUMNS if c not in names]
     if missing:
@@ -115,7 +107,7 @@ def tokenized_dataset(uri: str, model: str, max_length: int, seed: int) -> tuple
     needs a CPU while the training workers hold theirs.
     """
     ds = (
-        ray.data.read_parquet(absolute(uri))
+        ray.data.read_parquet(storage.absolute(uri))
         .select_columns(["prompt", "target"])
         .map_batches(tokenize_batch, fn_kwargs={"model": model, "max_length": max_length}, batch_format="pyarrow")
         .random_shuffle(seed=seed)

@@ -29,7 +29,6 @@ import tempfile
 
 import deepspeed
 import peft
-import pyarrow.fs as pafs
 import ray.train
 import torch
 from ray.train import (
@@ -56,13 +55,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from dnc_ray.config import ConfigError, TrainConfig
+from dnc_ray.infra import storage
+from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm.models import resolve_model
-from dnc_ray.stages.runtime import init_ray
-from dnc_ray.stages.store import RunStore
 from dnc_ray.train import TrainSetError
 from dnc_ray.train.data import (
     PadBatch,
-    absolute,
     check_train_set,
     load_tokenizer,
     tokenized_dataset,
@@ -134,7 +132,7 @@ class Progress(TrainerCallback):
 
     def __init__(self, cfg: TrainConfig):
         self.every = cfg.log_every_steps
-        self.store = RunStore(cfg.output)
+        self.metrics = storage.join(cfg.output, "metrics.jsonl")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         step = state.global_step
@@ -153,7 +151,7 @@ class Progress(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             steps = [entry for entry in state.log_history if "loss" in entry]
-            self.store.write_text("metrics.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+            storage.write_text(self.metrics, "".join(json.dumps(s) + "\n" for s in steps))
 
     on_train_end = on_save
 
@@ -216,9 +214,7 @@ def export(checkpoint_dir: str, cfg: TrainConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="dnc-export-") as out:
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(out)
-        fs, root = pafs.FileSystem.from_uri(f"{cfg.output}/model")
-        fs.create_dir(root, recursive=True)
-        pafs.copy_files(out, root, destination_filesystem=fs)
+        storage.copy_folder(out, storage.join(cfg.output, "model"))
     state = _state(checkpoint_dir)
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return {"steps": state.global_step, "final_loss": losses[-1]}
@@ -238,16 +234,14 @@ def total_steps(cfg: TrainConfig, rows: int) -> int:
 
 
 def check_resume_from(uri: str) -> None:
-    fs, root = pafs.FileSystem.from_uri(uri)
-    state = f"{root}/{RayTrainReportCallback.CHECKPOINT_NAME}/trainer_state.json"
-    if fs.get_file_info(state).type != pafs.FileType.File:
+    if not storage.exists(storage.join(uri, RayTrainReportCallback.CHECKPOINT_NAME, "trainer_state.json")):
         raise ConfigError(f"resume_from: {uri} is not a training checkpoint (no checkpoint/trainer_state.json)")
 
 
 def run_train(cfg: TrainConfig) -> dict:
     """Fine-tune the student described by `cfg`; returns (and prints) the run's summary."""
-    local = {"train_set": absolute(cfg.train_set), "output": absolute(cfg.output)}
-    cfg = cfg.model_copy(update={**local, "resume_from": cfg.resume_from and absolute(cfg.resume_from)})
+    local = {"train_set": storage.absolute(cfg.train_set), "output": storage.absolute(cfg.output)}
+    cfg = cfg.model_copy(update={**local, "resume_from": cfg.resume_from and storage.absolute(cfg.resume_from)})
     if cfg.resume_from:
         check_resume_from(cfg.resume_from)
     resolve_model(cfg.model)  # an unknown reference fails here, before any worker starts

@@ -1,4 +1,4 @@
-"""A run's output folder: Parquet parts written as batches finish, plus run.json; local path or s3://, gs://.
+"""A run's output folder: Parquet parts written as batches finish, plus run.json; a local path or a storage URI.
 
 Resume rule: a re-run skips the keys whose latest row succeeded and retries the others; when the
 same key was written more than once, the latest part wins. A crash loses only batches in flight.
@@ -11,27 +11,24 @@ import os
 import time
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dnc_ray.config import ConfigError
+from dnc_ray.infra import storage
 from dnc_ray.stages.rows import ROW_SCHEMA, row_key
 
 
 class RunStore:
     def __init__(self, uri: str):
         self.uri = uri
-        if "://" not in uri:
-            uri = os.path.abspath(uri)
-        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self.fs, self.root = storage.filesystem(uri)
         self._seq = 0
 
     def exists(self) -> bool:
-        return self.fs.get_file_info(f"{self.root}/run.json").type == pafs.FileType.File
+        return storage.exists(storage.join(self.uri, "run.json"))
 
     def read_meta(self) -> dict:
-        with self.fs.open_input_stream(f"{self.root}/run.json") as f:
-            text = f.read()
+        text = storage.read_text(storage.join(self.uri, "run.json"))
         try:
             meta = json.loads(text)
         except ValueError as e:
@@ -42,9 +39,8 @@ class RunStore:
         return meta
 
     def write_meta(self, meta: dict) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        with self.fs.open_output_stream(f"{self.root}/run.json") as f:
-            f.write(json.dumps(meta, indent=2).encode())
+        """Atomic: a crash mid-write leaves the previous run.json, never a truncated one."""
+        storage.write_text(storage.join(self.uri, "run.json"), json.dumps(meta, indent=2))
 
     def write_rows(self, table: pa.Table) -> None:
         """One new Parquet part; names sort by write time so that the latest part wins on read.
@@ -68,15 +64,5 @@ class RunStore:
     def done_keys(self) -> set[tuple[str, int]]:
         return {row_key(r) for r in self.read_rows() if r["error"] is None}
 
-    def write_text(self, name: str, text: str) -> None:
-        self.write_bytes(name, text.encode())
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        with self.fs.open_output_stream(f"{self.root}/{name}") as f:
-            f.write(data)
-
     def _parts(self) -> list[str]:
-        selector = pafs.FileSelector(f"{self.root}/rows", allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
-        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        return [f"{self.root}/rows/{name}" for name in storage.list_files(storage.join(self.uri, "rows"), ".parquet")]

@@ -1,0 +1,1 @@
+"""Infrastructure: Ray start-up, the run store, progress output, storage paths."""

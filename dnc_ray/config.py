@@ -8,6 +8,7 @@ from typing import Annotated, Literal, TypeVar, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dnc_ray.method.strategies import STRATEGIES
 from dnc_ray.tasks import RECORDS, TASKS, get_task
 
 
@@ -122,17 +123,9 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray; null = all cores")
 
 
-STAGES_OF = {
-    "direct": ("solve",),
-    "two_stage": ("decompose", "solve"),
-    "decompose": ("decompose",),
-    "solve": ("solve",),
-}
-
-
 class GenerateConfig(_Strict):
     task: TaskConfig
-    strategy: Literal["direct", "two_stage", "decompose", "solve"]
+    strategy: str = Field(description="a strategy of dnc_ray.method.STRATEGIES: direct, two_stage, decompose, solve, self_ask")
     output: str
     decomposer: ModelConfig | None = None
     solver: ModelConfig | None = None
@@ -141,8 +134,16 @@ class GenerateConfig(_Strict):
     max_subquestions: int | None = Field(
         None, gt=0, description="None: the task's default (the paper: 2 on Bamboogle, 3 elsewhere)"
     )
+    max_turns: int = Field(8, gt=0, description="self_ask: decomposer turns before a row without a final answer fails")
     progress_interval_s: float = Field(10.0, gt=0)
     ray: RayConfig = RayConfig()
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, strategy: str) -> str:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        return strategy
 
     @model_validator(mode="after")
     def _max_subquestions_of_the_task(self) -> "GenerateConfig":
@@ -152,13 +153,14 @@ class GenerateConfig(_Strict):
 
     @model_validator(mode="after")
     def _strategy_has_its_models(self) -> "GenerateConfig":
-        stages = STAGES_OF[self.strategy]
-        if "decompose" in stages and self.decomposer is None:
-            raise ValueError(f"strategy {self.strategy} needs a `decomposer`")
-        if "solve" in stages and self.solver is None:
-            raise ValueError(f"strategy {self.strategy} needs a `solver`")
-        if "decompose" not in stages and self.decomposer is not None:
-            raise ValueError(f"strategy {self.strategy} runs no decomposer: remove `decomposer`")
+        roles = STRATEGIES[self.strategy].roles
+        for role in ("decomposer", "solver"):
+            if role in roles and getattr(self, role) is None:
+                raise ValueError(f"strategy {self.strategy} needs a `{role}`")
+            if role not in roles and getattr(self, role) is not None:
+                raise ValueError(f"strategy {self.strategy} runs no {role}: remove `{role}`")
+        if self.strategy == "self_ask" and isinstance(self.decomposer, ReferenceModel):
+            raise ValueError("self_ask writes its follow-ups turn by turn: the reference decomposer cannot")
         if isinstance(self.solver, ReferenceModel):
             raise ValueError("the reference engine only decomposes; pick an hf or openai solver")
         if (self.strategy == "solve") != (self.decompositions is not None):
@@ -166,7 +168,7 @@ class GenerateConfig(_Strict):
         if isinstance(self.decomposer, ReferenceModel) and self.task.name != "gsm8k":
             raise ValueError("the reference decomposer exists for task gsm8k only")
         if self.num_samples > 1:
-            if "decompose" not in stages:
+            if "decomposer" not in roles or self.strategy == "self_ask":
                 raise ValueError("num_samples > 1 samples decompositions: use strategy two_stage or decompose")
             if isinstance(self.decomposer, ReferenceModel) or self.decomposer.temperature == 0:
                 raise ValueError("num_samples > 1 needs a sampling decomposer (temperature > 0)")
@@ -332,6 +334,7 @@ class ServeAppConfig(_Strict):
     max_subquestions: int | None = Field(
         None, gt=0, description="None: the request's task's default (2 on Bamboogle), else 3"
     )
+    max_turns: int = Field(8, gt=0, description="self_ask: decomposer turns before a request without a final answer fails")
 
 
 class ServeConfig(ServeAppConfig):

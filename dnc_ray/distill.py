@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +19,8 @@ import pyarrow.parquet as pq
 from dnc_ray.config import VARIANTS, ConfigError, GenerateConfig
 from dnc_ray.infra import storage
 from dnc_ray.infra.store import RunStore
-from dnc_ray.prompts import (
+from dnc_ray.tasks import PromptRules, get_task
+from dnc_ray.method.prompts import (
     decompose_messages,
     format_subquestions,
     replace_answer,
@@ -36,19 +38,22 @@ TRAIN_SCHEMA = pa.schema(
 )
 
 
-def training_row(row: dict, variant: str, max_subquestions: int) -> tuple[dict | None, str | None]:
+DISTILLABLE = ("two_stage", "decompose", "solve")  # self_ask's follow-ups are not a decomposition the solver saw
+
+
+def training_row(row: dict, variant: str, rules: PromptRules) -> tuple[dict | None, str | None]:
     """(training row, None) when the run row is kept for the variant, else (None, why dropped)."""
     if row["subquestions"] is None:
         return None, "no decomposition (decompose failed)"
     if variant in ("sd-t", "sd-r"):
         if variant == "sd-r" and not row["correct"]:
             return None, "solution not correct" if row["solution"] is not None else "not solved"
-        prompt = decompose_messages(row["question"], row["context"], max_subquestions)
+        prompt = decompose_messages(row["question"], row["context"], rules.max_subquestions)
         target = format_subquestions(row["subquestions"])
     else:
         if row["solution"] is None:
             return None, "no solution (solve failed)"
-        prompt = solve_messages(row["question"], row["context"], row["subquestions"])
+        prompt = solve_messages(row["question"], row["context"], row["subquestions"], rules.short_answer)
         gold = ", ".join(row["answers"][0])
         target = row["solution"] if variant == "se-t" else replace_answer(row["solution"], gold)
     return {"id": row["id"], "task": row["task"], "variant": variant, "prompt": prompt, "target": target}, None
@@ -65,11 +70,15 @@ def build_training_set(runs: list[str], variant: str, out: str) -> dict:
         if not store.exists():
             raise FileNotFoundError(f"{uri}: no run here (run.json missing)")
         cfg = GenerateConfig.model_validate(store.read_meta()["config"])
+        if cfg.strategy not in DISTILLABLE:
+            raise ConfigError(f"{uri}: a {cfg.strategy} run has no static decompositions to distil: use a two_stage, "
+                              "decompose or solve run")
+        rules = replace(get_task(cfg.task).rules, max_subquestions=cfg.max_subquestions)
         if variant == "sd-r" and cfg.strategy == "decompose":
             raise ConfigError(f"{uri}: sd-r needs a scored two_stage run; this run only decomposed")
         for row in store.read_rows():
             totals[row["task"]] += 1
-            item, why = training_row(row, variant, cfg.max_subquestions)
+            item, why = training_row(row, variant, rules)
             if item is not None and (item["id"], item["target"]) in seen:
                 item, why = None, "duplicate of a kept row"
             if item is None:

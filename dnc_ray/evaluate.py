@@ -51,8 +51,12 @@ def summarize(cfg: GenerateConfig, rows: list[dict], attempts: list[dict]) -> di
             name: round(100 * sum(float(r[col] or 0) for r in rows) / n, 2) if n else 0.0
             for name, col in get_task(cfg.task).metrics.items()
         }
-    report["cost_usd"] = round(sum(u["cost_usd"] for u in report["usage"].values()), 6)
+    usage = report["usage"].values()
+    report["cost_usd"] = round(sum(u["cost_usd"] for u in usage), 6)
     report["cost_usd_per_1k_rows"] = round(1000 * report["cost_usd"] / n, 4) if n else 0.0
+    # static vs dynamic (the paper: 355K tokens for two_stage vs 824K for self_ask per GSM8K test)
+    report["tokens_per_question"] = round(sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage) / n, 2) if n else 0.0
+    report["calls_per_question"] = round(sum(u["calls"] for u in usage) / n, 2) if n else 0.0
     return report
 
 
@@ -63,7 +67,7 @@ def _model_name(model, rows: list[dict], column: str) -> str | None:
 
 def _stage_usage(rows: list[dict], stage: str) -> dict:
     used = [r["usage"][stage] for r in rows if r["usage"] and r["usage"][stage]]
-    total = {key: sum(u[key] for u in used) for key in ("prompt_tokens", "completion_tokens", "cost_usd")}
+    total = {key: sum(u[key] or 0 for u in used) for key in ("prompt_tokens", "completion_tokens", "cost_usd", "calls")}
     total["cost_usd"] = round(total["cost_usd"], 6)
     total["mean_latency_s"] = round(sum(u["latency_s"] for u in used) / len(used), 3) if used else None
     return total
@@ -87,7 +91,7 @@ def markdown_table(reports: list[dict]) -> str:
     """One line per run: score, errors, tokens and $ per stage, rows/s."""
     head = (
         "| run | task | strategy | decomposer | solver | rows | errors | score | "
-        "decompose tokens in/out | solve tokens in/out | $ total | $ / 1k rows | rows/s |"
+        "decompose tokens in/out | solve tokens in/out | tokens / question | calls / question | $ total | $ / 1k rows | rows/s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in reports:
@@ -96,6 +100,7 @@ def markdown_table(reports: list[dict]) -> str:
         lines.append(
             f"| {r['run']} | {r['task']} | {r['strategy']} | {r['decomposer'] or '-'} | {r['solver'] or '-'} | "
             f"{r['rows']} | {r['errors']} | {scores} | {tokens[0]} | {tokens[1]} | "
+            f"{r['tokens_per_question']:.0f} | {r['calls_per_question']:.2f} | "
             f"{r['cost_usd']:.4f} | {r['cost_usd_per_1k_rows']:.4f} | {r['rows_per_s'] or '-'} |"
         )
     return "\n".join(lines)

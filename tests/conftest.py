@@ -11,7 +11,12 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
-from dnc_ray.prompts import DECOMPOSE_INSTRUCTION, SOLVE_INSTRUCTION  # noqa: E402
+from dnc_ray.method.prompts import (  # noqa: E402
+    DECOMPOSE_INSTRUCTION,
+    FOLLOW_UP_INSTRUCTION,
+    SELF_ASK_INSTRUCTION,
+    SOLVE_INSTRUCTION,
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,16 +35,33 @@ def question_of(content: str) -> str:
 
 class ScriptedTeacher:
     """Replies like a teacher: two sub-questions to a decomposition prompt; to a solving prompt the
-    gold answer for questions in `right`, a wrong one otherwise."""
+    gold answer for questions in `right`, a wrong one otherwise.
 
-    def __init__(self, gold: dict[str, str], right: set[str]):
-        self.gold, self.right = gold, right
+    Self-ask: `follow_ups(question)` follow-ups (default 2), one per turn, then "So the final answer is"
+    with the same right-or-wrong answer; a follow-up "What is part N of: <question>?" is answered "part N is 10"."""
+
+    def __init__(self, gold: dict[str, str], right: set[str], follow_ups=lambda question: 2):
+        self.gold, self.right, self.follow_ups = gold, right, follow_ups
+
+    def answer(self, question: str) -> str:
+        return self.gold[question] if question in self.right else "-1"
 
     def __call__(self, messages: list[dict]) -> str:
         content = messages[-1]["content"]
+        if content.startswith(SELF_ASK_INSTRUCTION[:40]):
+            return self.self_ask_turn(content.rsplit("Question: ", 1)[1])
+        if content.startswith(FOLLOW_UP_INSTRUCTION[:40]):
+            return f"{question_of(content).split(' of: ')[0].removeprefix('What is ')} is 10\nbecause it is."
         question = question_of(content)
         if content.startswith(DECOMPOSE_INSTRUCTION[:40]):
             return f"1. What is given in: {question[:30]}?\n2. What is asked?"
         assert content.startswith(SOLVE_INSTRUCTION[:40]), content[:80]
-        answer = self.gold[question] if question in self.right else "-1"
-        return f"Working through the sub-questions.\nThe answer is: {answer}."
+        return f"Working through the sub-questions.\nThe answer is: {self.answer(question)}."
+
+    def self_ask_turn(self, transcript: str) -> str:
+        question = transcript.split("\n")[0]
+        asked, needed = transcript.count("Follow up:"), self.follow_ups(question)
+        opening = ("Yes.\n" if needed else "No.\n") if asked == 0 else ""
+        if asked < needed:
+            return f"{opening}Follow up: What is part {asked + 1} of: {question[:30]}?"
+        return f"{opening}So the final answer is: {self.answer(question)}.\nQuestion: an invented next question"

@@ -11,7 +11,7 @@ import pytest
 from dnc_ray.config import GenerateConfig, Price
 from dnc_ray.infra.store import RunStore
 from dnc_ray.stages.generate import run_identity  # imports ray; starts nothing
-from dnc_ray.stages.rows import new_row, to_table
+from dnc_ray.method.row import new_row, to_table
 
 TIMEOUT_S = 120
 
@@ -192,6 +192,7 @@ def usage(prompt, completion, latency, price):
         "completion_tokens": completion,
         "latency_s": latency,
         "cost_usd": price.cost(prompt, completion),
+        "calls": 1,
     }
 
 
@@ -247,6 +248,7 @@ def test_evaluate_hand_built_run(tmp_path):
     assert cells["solve tokens in/out"] == "300/60"
     assert cells["$ total"] == "0.2400"
     assert cells["$ / 1k rows"] == "120.0000"
+    assert cells["tokens / question"] == "180" and cells["calls / question"] == "1.00"  # (120 + 240) / 2
     assert cells["rows/s"] == "2.0"
 
     report = json.loads((out / "report.json").read_text())
@@ -256,6 +258,7 @@ def test_evaluate_hand_built_run(tmp_path):
         "prompt_tokens": 300,
         "completion_tokens": 60,
         "cost_usd": pytest.approx(0.24),
+        "calls": 2,
         "mean_latency_s": 1.0,
     }
     assert report["usage"]["decompose"]["prompt_tokens"] == 0

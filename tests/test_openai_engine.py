@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 
@@ -26,10 +28,13 @@ def make_engine(server: StubServer, **overrides) -> OpenAIEngine:
 
 
 def run(engine: OpenAIEngine, chats: list[list[dict]]):
-    try:
-        return engine.generate(chats, PARAMS)
-    finally:
-        engine.close()
+    async def generate_then_close():
+        try:
+            return await engine.agenerate(chats, PARAMS)
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(generate_then_close())
 
 
 def test_batch_in_order_with_usage():
@@ -42,7 +47,7 @@ def test_batch_in_order_with_usage():
     with StubServer(reply=reply, latency_s=0.01) as server:
         engine = make_engine(server)
         assert engine.name == "stub-teacher"
-        assert engine._loop is None and engine._bound is None  # constructing opens nothing
+        assert engine._bound is None  # constructing opens nothing
         out = run(engine, [chat(f"question number {i}") for i in range(10)])
     assert [c.text for c in out] == [f"echo question number {i}" for i in range(10)]
     assert all(c.error is None for c in out)

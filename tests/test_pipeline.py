@@ -159,3 +159,92 @@ def test_resume_after_the_driver_is_killed(ray_local, tmp_path):
     rows = store.read_rows()
     assert len(rows) == 16 and all(r["error"] is None for r in rows)
     assert evaluate_run(str(tmp_path / "run"))["scores"] == {"em": 50.0}
+
+
+def test_a_row_failed_at_solve_resumes_at_solve(ray_local, tmp_path):
+    """The decomposition a failed row already paid for is kept: the re-run asks only for the solution."""
+    broken = {ROWS[2]["question"], ROWS[7]["question"]}
+    healthy = {"yes": False}
+
+    def fail(index, messages):
+        content = messages[-1]["content"]
+        failing = not healthy["yes"] and question_of(content) in broken and "Sub-questions:" in content
+        return 503 if failing else None
+
+    with StubServer(reply=ScriptedTeacher(GOLD, RIGHT), fail=fail) as server:
+        cfg = config(tmp_path / "run", strategy="two_stage", decomposer=teacher_model(server), solver=teacher_model(server))
+        assert run_generate(cfg)["errors"] == 2
+        failed = [r for r in RunStore(str(tmp_path / "run")).read_rows() if r["error"]]
+        assert [r["error"].split(":")[0] for r in failed] == ["solve", "solve"]
+        kept = {r["id"]: r["usage"]["decompose"] for r in failed}
+        healthy["yes"] = True
+        before = len(server.requests)
+        second = run_generate(cfg)
+        assert len(server.requests) - before == 2  # solve only
+    assert second == {**second, "rows": 2, "errors": 0}
+    rows = {r["id"]: r for r in RunStore(str(tmp_path / "run")).read_rows()}
+    assert all(rows[i]["error"] is None and rows[i]["usage"]["decompose"] == kept[i] for i in kept)
+
+
+def self_ask_config(out: Path, server: StubServer, **fields) -> GenerateConfig:
+    return config(out, strategy="self_ask", decomposer=teacher_model(server), solver=teacher_model(server), **fields)
+
+
+def test_self_ask_over_ray_data_scored_with_turns_and_tokens(ray_local, tmp_path):
+    """Rows need 0-3 follow-ups: all finish, scored; evaluate reports tokens and $ per question."""
+    follow_ups = {r["question"]: i % 4 for i, r in enumerate(ROWS)}
+    with StubServer(reply=ScriptedTeacher(GOLD, RIGHT, follow_ups=follow_ups.get)) as server:
+        attempt = run_generate(self_ask_config(tmp_path / "run", server))
+        assert len(server.requests) == sum(1 + 2 * n for n in follow_ups.values())
+    assert attempt == {**attempt, "rows": 16, "errors": 0}
+    rows = RunStore(str(tmp_path / "run")).read_rows()
+    for row in rows:
+        n = follow_ups[row["question"]]
+        assert len(row["subquestions"]) == n and row["correct"] == (row["question"] in RIGHT)
+        assert row["usage"]["decompose"]["calls"] == n + 1
+        assert (row["usage"]["solve"] or {"calls": 0})["calls"] == n
+        assert row["solution"].endswith(f"So the final answer is: {GOLD[row['question']] if row['question'] in RIGHT else '-1'}")
+    report = evaluate_run(str(tmp_path / "run"))
+    assert report["scores"] == {"em": 50.0} and report["strategy"] == "self_ask"
+    tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for r in rows for u in r["usage"].values() if u)
+    assert report["tokens_per_question"] == pytest.approx(tokens / 16, abs=0.01)
+    assert report["calls_per_question"] == pytest.approx(sum(1 + 2 * n for n in follow_ups.values()) / 16, abs=0.01)
+
+
+def test_self_ask_failure_on_turn_2_fails_one_row_and_resume_redoes_only_it(ray_local, tmp_path):
+    victim = ROWS[3]["question"]
+    healthy = {"yes": False}
+
+    def fail(index, messages):
+        content = messages[-1]["content"]
+        turn_2 = content.endswith("Intermediate answer: part 1 is 10\n") and f"Question: {victim}\n" in content
+        return 500 if turn_2 and not healthy["yes"] else None
+
+    with StubServer(reply=ScriptedTeacher(GOLD, RIGHT), fail=fail) as server:
+        cfg = self_ask_config(tmp_path / "run", server)
+        first = run_generate(cfg)
+        assert first == {**first, "rows": 16, "errors": 1}
+        [failed] = [r for r in RunStore(str(tmp_path / "run")).read_rows() if r["error"]]
+        assert failed["question"] == victim and failed["error"].startswith("self_ask: InternalServerError")
+        assert failed["usage"]["decompose"]["calls"] == 2 and failed["usage"]["solve"]["calls"] == 1
+        healthy["yes"] = True
+        before = len(server.requests)
+        second = run_generate(cfg)
+        assert len(server.requests) - before == 5  # that row's loop from its start: 3 turns, 2 follow-up answers
+    assert second == {**second, "rows": 1, "errors": 0}
+    rows = RunStore(str(tmp_path / "run")).read_rows()
+    assert all(r["error"] is None for r in rows) and len(rows) == 16
+
+
+def test_self_ask_on_a_local_hf_model(ray_local, tmp_path):
+    """The hf engine runs self_ask turns in one actor; the tiny random model writes no follow-up, so each row
+    fails at turn 1 with the reason, its turn's usage recorded."""
+    tiny = {"engine": "hf", "model": "tiny-random-smollm2", "batch_size": 4, "max_tokens": 6}
+    cfg = config(tmp_path / "run", strategy="self_ask", decomposer=tiny, solver=tiny,
+                 task={"name": "gsm8k", "split": "test", "limit": 6})
+    attempt = run_generate(cfg)
+    assert attempt == {**attempt, "rows": 6, "errors": 6}
+    for row in RunStore(str(tmp_path / "run")).read_rows():
+        assert row["error"] in ('self_ask: turn 1: the reply has neither "Follow up:" nor "So the final answer is:"',
+                                "self_ask: empty reply")
+        assert row["decomposer"] == "tiny-random-smollm2" and 0 < row["usage"]["decompose"]["completion_tokens"] <= 6

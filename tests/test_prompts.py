@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dnc_ray import prompts
-from dnc_ray.prompts import NO_DECOMPOSITION, extract_answer, format_subquestions, parse_subquestions
+from dnc_ray.method import prompts
+from dnc_ray.method.prompts import NO_DECOMPOSITION, extract_answer, format_subquestions, parse_subquestions
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "smollm2_outputs.json").read_text())
 
@@ -125,10 +125,10 @@ def test_drop_prompts_carry_the_passage_and_the_five_word_rule():
     assert f"Context: {passage}" in decompose
     assert decompose.index("Context:") < decompose.index("Question: How many times?")
 
-    solve = _content(prompts.solve_messages("How many times?", passage, ["Who scored?"]))
+    solve = _content(prompts.solve_messages("How many times?", passage, ["Who scored?"], short_answer=True))
     assert f"Context: {passage}" in solve and "at most five words" in solve
 
-    direct = _content(prompts.direct_messages("How many times?", passage, "drop"))
+    direct = _content(prompts.direct_messages("How many times?", passage))
     assert f"Context: {passage}" in direct and "at most five words" in direct
     assert direct.endswith("Question: How many times?")
 
@@ -142,10 +142,10 @@ def test_solve_prompt_numbers_subquestions_on_one_line():
 
 
 def test_direct_prompts():
-    assert prompts.direct_messages("Who was president when the Eiffel Tower opened?", None, "bamboogle") == [
+    assert prompts.direct_messages("Who was president when the Eiffel Tower opened?", None, bare=True) == [
         {"role": "user", "content": "Who was president when the Eiffel Tower opened?"}
     ]
-    gsm8k = _content(prompts.direct_messages("How much?", None, "gsm8k"))
+    gsm8k = _content(prompts.direct_messages("How much?", None))
     assert '"The answer is: X"' in gsm8k and gsm8k.endswith("Question: How much?")
 
 

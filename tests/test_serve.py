@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from conftest import question_of
+from conftest import ScriptedTeacher, question_of
 from dnc_ray.config import ConfigError, GenerateConfig, ServeAppConfig, ServeConfig, TaskConfig, load_config
 from dnc_ray.infra.store import RunStore
 from dnc_ray.llm.stub_server import StubServer
@@ -252,7 +252,7 @@ def test_failing_upstream_is_502(upstream):
     status, body = call(f"{upstream}/v1/solve", {"question": "PLEASE FAIL", "strategy": "direct"}, AUTH)
     assert status == 502
     assert body["error"]["type"] == "upstream_error"
-    assert body["error"]["message"].startswith("solve: the model failed: InternalServerError")
+    assert body["error"]["message"].startswith("direct: the model failed: InternalServerError")
 
 
 @pytest.mark.timeout(60)
@@ -351,3 +351,38 @@ def test_bad_serve_config_is_one_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dnc_ray.cli", "serve", "--config", str(bad)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("dnc serve: error: ")
+
+
+# ------------------------------------------------------------------------------ one method, two runtimes
+
+@pytest.mark.timeout(300)
+def test_ray_data_and_serve_run_the_same_method(proxy, tmp_path):
+    """The same questions, the same scripted teacher: a Ray Data run and /v1/solve give identical
+    sub-questions, solution and prediction for two_stage and self_ask."""
+    follow_ups = {r["question"]: i % 3 for i, r in enumerate(ROWS)}
+    with StubServer(reply=ScriptedTeacher(GOLD, set(GOLD), follow_ups=follow_ups.get)) as teacher:
+        model = {"engine": "openai", "model": "stub-teacher", "base_url": teacher.base_url, "api_key_env": None,
+                 "max_retries": 0, "batch_size": 4, "price": PRICE}
+        serve.run(build_app(ServeAppConfig.model_validate({"decomposer": served(model), "solver": served(model)})),
+                  name="same", route_prefix="/same")
+        try:
+            for strategy in ("two_stage", "self_ask"):
+                cfg = GenerateConfig.model_validate({
+                    "task": {"name": "gsm8k", "split": "test", "limit": 4}, "strategy": strategy,
+                    "decomposer": model, "solver": model, "output": str(tmp_path / strategy)})
+                assert run_generate(cfg)["errors"] == 0
+                for row in RunStore(str(tmp_path / strategy)).read_rows():
+                    status, body = call(f"{proxy}/same/v1/solve", {"question": row["question"], "task": "gsm8k",
+                                                                   "strategy": strategy})
+                    assert status == 200, body
+                    assert (body["subquestions"], body["solution"], body["answer"]) == (
+                        row["subquestions"], row["solution"], row["prediction"])
+                    for stage, used in body["usage"].items():
+                        expected = row["usage"][stage]
+                        assert (used["prompt_tokens"], used["completion_tokens"], used["calls"]) == (
+                            expected["prompt_tokens"], expected["completion_tokens"], expected["calls"])
+                        assert used["cost_usd"] == pytest.approx(expected["cost_usd"])
+                    if strategy == "self_ask":
+                        assert len(body["subquestions"]) == follow_ups[row["question"]]
+        finally:
+            serve.delete("same")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dnc_ray.infra.store import RunStore
-from dnc_ray.stages.rows import new_row, to_table
+from dnc_ray.method.row import new_row, to_table
 
 
 def row(qid: str, error: str | None = None, solution: str | None = None) -> dict:

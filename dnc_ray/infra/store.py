@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from dnc_ray.config import ConfigError
 from dnc_ray.infra import storage
-from dnc_ray.stages.rows import ROW_SCHEMA, row_key
+from dnc_ray.method.row import ROW_SCHEMA, row_key
 
 
 class RunStore:

@@ -28,11 +28,13 @@ class SamplingParams:
 
 
 class Engine(Protocol):
-    """What a stage needs from a model: a batch of chats in, one Completion per chat out.
+    """What every caller (Ray Data stages, Serve deployments, benchmarks) uses: a batch of chats in,
+    one Completion per chat out, in order.
 
-    A failure of one chat is returned as a Completion with `error` set; it never raises for it.
+    An endpoint's failure for one chat (HTTP error, timeout, garbage reply) is that chat's Completion
+    with `error` set; a bug in the engine itself raises.
     """
 
     name: str  # the model reference written into the `decomposer` / `solver` columns
 
-    def generate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]: ...
+    async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import torch
@@ -22,6 +23,10 @@ class HFEngine:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = getattr(torch, cfg.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device).eval()
+
+    async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
+        """`generate` in a worker thread, so the caller's event loop keeps serving while the model runs."""
+        return await asyncio.to_thread(self.generate, chats, params)
 
     def generate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
         out: list[Completion] = []
@@ -57,7 +62,7 @@ class HFEngine:
                 completion_tokens=n,
                 latency_s=latency,
             )
-            for tokens, p in zip(generated, prompt_tokens)
+            for tokens, p in zip(generated, prompt_tokens, strict=True)
             for n in [self._generated_length(tokens, params.stop)]
         ]
 

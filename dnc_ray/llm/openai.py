@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 
 import openai
@@ -39,12 +38,9 @@ class OpenAIEngine:
                     f"environment variable {cfg.api_key_env} (api_key_env of model {cfg.model}) is not set: "
                     "export it with the API key, or set api_key_env: null for an endpoint without a key"
                 )
-        # Nothing is opened here: the loop thread and the client start on first use.
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Nothing is opened here: the client starts on first use, on the loop that uses it.
         self._bound: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI, asyncio.Semaphore] | None = None
 
-    # -- async API -----------------------------------------------------------------------------
     async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
         client, slots = self._client()
         kwargs: dict = {"model": self.cfg.model, "temperature": params.temperature, "max_tokens": params.max_tokens}
@@ -61,10 +57,10 @@ class OpenAIEngine:
                 response = await client.chat.completions.create(messages=chat, **kwargs)
                 latency = time.perf_counter() - start
                 choices = getattr(response, "choices", None)
-                text = choices[0].message.content if choices else None
+                text = choices[0].message.content if choices and choices[0].message else None
                 if not isinstance(text, str):
                     raise MalformedResponse("response has no choices or message content")
-            except Exception as e:  # one chat's failure never fails the batch
+            except (openai.APIError, MalformedResponse) as e:  # the endpoint failed this chat: the batch goes on
                 return Completion(text=None, latency_s=time.perf_counter() - start, error=self._describe(e))
         usage = getattr(response, "usage", None)
         return Completion(
@@ -95,24 +91,8 @@ class OpenAIEngine:
             self._bound = (loop, client, asyncio.Semaphore(self.cfg.max_in_flight))
         return self._bound[1], self._bound[2]
 
-    # -- sync API (Ray Data actors) ------------------------------------------------------------
-    def generate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
-        return asyncio.run_coroutine_threadsafe(self.agenerate(chats, params), self._background_loop()).result()
-
-    def _background_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name=f"openai-{self.name}", daemon=True).start()
-            return self._loop
-
-    def close(self) -> None:
-        """Closes the background loop's client and stops the loop (the engine can start afresh after)."""
-        with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is None:
-            return
+    async def aclose(self) -> None:
+        """Close the client (its connections); the engine opens a new one if used again."""
         bound, self._bound = self._bound, None
-        if bound is not None and bound[0] is loop:
-            asyncio.run_coroutine_threadsafe(bound[1].close(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
+        if bound is not None:
+            await bound[1].close()

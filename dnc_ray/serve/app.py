@@ -1,6 +1,9 @@
-"""The served graph: an HTTP ingress that composes the Decomposer and Solver deployments by handle.
+"""The served graph: an HTTP ingress that runs the method's strategies over the Decomposer and Solver
+deployments, called by handle.
 
-    HTTP -> Ingress --handle--> Decomposer.complete (two_stage only) --handle--> Solver.complete -> answer
+    HTTP -> Ingress: run_row(strategy) --handle--> Decomposer.complete / Solver.complete -> answer
+
+The ingress builds no prompt and parses no answer: `dnc_ray.method` does, as in every runtime.
 
 `serve run` / `serve deploy` / a KubeRay RayService: `import_path: dnc_ray.serve.app:build_app`
 with `ServeAppConfig` settings under `args:`. `dnc serve --config <yaml>` runs `serve_forever`.
@@ -11,6 +14,7 @@ with `ServeAppConfig` settings under `args:`. `dnc serve --config <yaml>` runs `
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import FastAPI, HTTPException
 from ray import serve
@@ -20,14 +24,8 @@ from ray.serve.metrics import Counter, Histogram
 
 from dnc_ray.config import HFModel, ServeAppConfig, ServeConfig, ServedModel
 from dnc_ray.infra.cluster import init_ray
-from dnc_ray.llm import SamplingParams
-from dnc_ray.prompts import (
-    decompose_messages,
-    direct_messages,
-    extract_answer,
-    parse_subquestions,
-    solve_messages,
-)
+from dnc_ray.llm import Completion, Messages, SamplingParams
+from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.serve.api import build_api
 from dnc_ray.serve.deployments import LocalModel, RemoteModel
 from dnc_ray.serve.schema import (
@@ -43,16 +41,19 @@ from dnc_ray.serve.schema import (
     StageUsage,
     Usage,
 )
+from dnc_ray.method.row import new_row
+from dnc_ray.tasks import GENERIC_RULES, TASKS
 
 APP_NAME = "dnc"
 STAGE_OF_MODEL = {"decomposer": "decompose", "solver": "solve"}
+ROLE_OF_STAGE = {"decompose": "decomposer", "solve": "solver"}
 _LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    """Builds the prompts, calls the stages within one deadline, and turns failures into 502 / 504."""
+    """Runs a strategy per request over the two deployments within one deadline; failures become 502 / 504."""
 
     def __init__(self, decomposer: DeploymentHandle, solver: DeploymentHandle, cfg: ServeAppConfig):
         self.cfg = cfg
@@ -73,7 +74,7 @@ class Ingress:
         return await self._solve(request.question, request.context, request.task, request.strategy, self._params("solve"))
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
-        """An OpenAI chat completion from one stage, or from the pipeline (the last user message is the question)."""
+        """An OpenAI chat completion from one model, or from the pipeline (the last user message is the question)."""
         if request.model not in MODELS:
             raise HTTPException(404, f"model {request.model!r} does not exist: choose one of {', '.join(MODELS)}")
         stage = STAGE_OF_MODEL.get(request.model, "solve")
@@ -84,10 +85,14 @@ class Ingress:
                 raise HTTPException(422, "model pipeline answers the last user message, and there is none")
             solved = await self._solve(question, None, None, "two_stage", params)
             text, usages = solved.solution, list(solved.usage.values())
+            last_completion_tokens = solved.usage["solve"].completion_tokens
         else:
             deadline = time.monotonic() + self.cfg.request_timeout_s
-            text, usage = await self._call(stage, [m.model_dump() for m in request.messages], params, deadline)
-            usages = [usage]
+            done = await self._call(stage, [m.model_dump() for m in request.messages], params, deadline)
+            if done.error is not None or not done.text:
+                raise HTTPException(502, f"{stage}: the model failed: {done.error or 'empty reply'}")
+            text, usages = done.text, [done]
+            last_completion_tokens = done.completion_tokens
         prompt_tokens = sum(u.prompt_tokens for u in usages)
         completion_tokens = sum(u.completion_tokens for u in usages)
         return ChatResponse(
@@ -96,7 +101,7 @@ class Ingress:
             model=request.model,
             choices=[ChatChoice(
                 message=ChatMessage(role="assistant", content=text),
-                finish_reason="length" if usages[-1].completion_tokens >= params.max_tokens else "stop",
+                finish_reason="length" if last_completion_tokens >= params.max_tokens else "stop",
             )],
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
@@ -109,31 +114,43 @@ class Ingress:
 
     async def _solve(self, question: str, context: str | None, task: str | None, strategy: str,
                      solve_params: SamplingParams) -> SolveResponse:
+        """The strategy over one question, as a row: the method builds the prompts and reads the answer."""
         started = time.monotonic()
         deadline = started + self.cfg.request_timeout_s
-        usage, decomposition, subquestions = {}, None, None
-        if strategy == "two_stage":
-            chat = decompose_messages(question, context, self.cfg.max_subquestions)
-            decomposition, usage["decompose"] = await self._call("decompose", chat, self._params("decompose"), deadline)
-            subquestions = parse_subquestions(decomposition)
-            chat = solve_messages(question, context, subquestions)
-        else:
-            chat = direct_messages(question, context, task)
-        solution, usage["solve"] = await self._call("solve", chat, solve_params, deadline)
+        models = {
+            "decomposer": DeploymentModel(self, "decompose", self._params("decompose"), deadline),
+            "solver": DeploymentModel(self, "solve", solve_params, deadline),
+        }
+        row = new_row({"id": "request", "task": task, "split": None, "question": question, "context": context, "answers": None})
+        await run_row(STRATEGIES[strategy], row, models, self._options(task))
+        if row["error"] is not None:
+            step, _, reason = row["error"].partition(": ")
+            raise HTTPException(502, f"{step}: the model failed: {reason}")
+        usage = {
+            stage: StageUsage(model=row[ROLE_OF_STAGE[stage]], **used)
+            for stage, used in row["usage"].items() if used is not None
+        }
         return SolveResponse(
-            answer=extract_answer(solution),
-            solution=solution,
-            subquestions=subquestions,
-            decomposition=decomposition,
+            answer=row["prediction"],
+            solution=row["solution"],
+            subquestions=row["subquestions"],
+            decomposition=row["decomposition"],
             strategy=strategy,
             usage=usage,
             cost_usd=sum(u.cost_usd for u in usage.values()),
             latency_s=time.monotonic() - started,
         )
 
-    async def _call(self, stage: str, chat: list[dict], params: SamplingParams, deadline: float) -> tuple[str, StageUsage]:
-        """One model call through the stage's handle: 504 past the deadline, 502 when the model fails."""
-        handle, model = self.stages[stage]
+    def _options(self, task: str | None) -> MethodOptions:
+        """The request's task's prompt rules (generic ones without a task); the config's cap wins when set."""
+        rules = TASKS[task].rules if task else GENERIC_RULES
+        if self.cfg.max_subquestions is not None:
+            rules = replace(rules, max_subquestions=self.cfg.max_subquestions)
+        return MethodOptions(rules=rules, max_turns=self.cfg.max_turns)
+
+    async def _call(self, stage: str, chat: Messages, params: SamplingParams, deadline: float) -> Completion:
+        """One model call through the stage's handle, its latency as the ingress saw it; 504 past the deadline."""
+        handle = self.stages[stage][0]
         started = time.monotonic()
         response = handle.complete.remote(chat, params)
         try:
@@ -142,19 +159,10 @@ class Ingress:
             response.cancel()  # frees the replica (and an upstream's connection) too
             self.calls.inc(tags={"stage": stage, "outcome": "timeout"})
             raise HTTPException(504, f"{stage}: no answer within request_timeout_s ({self.cfg.request_timeout_s:g} s)") from None
-        latency = time.monotonic() - started
-        self.latency.observe(latency, tags={"stage": stage})
-        if done.error is not None or done.text is None:
-            self.calls.inc(tags={"stage": stage, "outcome": "error"})
-            raise HTTPException(502, f"{stage}: the model failed: {done.error or 'empty reply'}")
-        self.calls.inc(tags={"stage": stage, "outcome": "ok"})
-        return done.text, StageUsage(
-            model=model.model,
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens,
-            cost_usd=model.price.cost(done.prompt_tokens, done.completion_tokens),
-            latency_s=latency,
-        )
+        done.latency_s = time.monotonic() - started
+        self.latency.observe(done.latency_s, tags={"stage": stage})
+        self.calls.inc(tags={"stage": stage, "outcome": "error" if done.error is not None or not done.text else "ok"})
+        return done
 
     def _params(self, stage: str, request: ChatRequest | None = None) -> SamplingParams:
         """The stage model's settings; a chat request may lower max_tokens and set the rest."""
@@ -168,6 +176,19 @@ class Ingress:
             stop=stop,
             seed=request.seed,
         )
+
+
+class DeploymentModel:
+    """A Decomposer or Solver deployment as the method's Model, within one request's deadline."""
+
+    def __init__(self, ingress: Ingress, stage: str, params: SamplingParams, deadline: float):
+        self.ingress, self.stage, self.params, self.deadline = ingress, stage, params, deadline
+        model = ingress.stages[stage][1]
+        self.name, self.cost = model.model, model.price.cost
+
+    async def complete(self, chat: Messages, stop: tuple[str, ...] = ()) -> Completion:
+        params = replace(self.params, stop=self.params.stop + stop) if stop else self.params
+        return await self.ingress._call(self.stage, chat, params, self.deadline)
 
 
 def build_app(args: ServeAppConfig) -> Application:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dnc_ray.tasks import TASKS
 
 MODELS = ("decomposer", "solver", "pipeline")
 
@@ -14,8 +16,15 @@ class SolveRequest(BaseModel):
 
     question: str = Field(min_length=1)
     context: str | None = Field(None, description="a passage the question is about (DROP-like tasks)")
-    task: str | None = Field(None, description="bamboogle asks the question bare in the direct strategy")
-    strategy: Literal["two_stage", "direct"] = "two_stage"
+    task: str | None = Field(None, description="a task's prompt rules (bamboogle: bare direct prompt, 2 sub-questions)")
+    strategy: Literal["two_stage", "direct", "self_ask"] = "two_stage"
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | None) -> str | None:
+        if task is not None and task not in TASKS:
+            raise ValueError(f"unknown task; known: {', '.join(TASKS)}")
+        return task
 
 
 class StageUsage(BaseModel):
@@ -24,15 +33,16 @@ class StageUsage(BaseModel):
     completion_tokens: int
     cost_usd: float
     latency_s: float = Field(description="as the ingress saw it: queueing, batching and generation")
+    calls: int = Field(description="model calls of the stage (self_ask: one per turn or follow-up)")
 
 
 class SolveResponse(BaseModel):
     answer: str
     solution: str
-    subquestions: list[str] | None = Field(description="null for the direct strategy")
-    decomposition: str | None = Field(description="the decomposer's raw text")
-    strategy: Literal["two_stage", "direct"]
-    usage: dict[str, StageUsage] = Field(description="per stage: decompose (two_stage), solve")
+    subquestions: list[str] | None = Field(description="null for the direct strategy; self_ask: the follow-ups")
+    decomposition: str | None = Field(description="the decomposer's raw text (two_stage)")
+    strategy: Literal["two_stage", "direct", "self_ask"]
+    usage: dict[str, StageUsage] = Field(description="per stage: decompose (two_stage, self_ask), solve")
     cost_usd: float
     latency_s: float
 

@@ -1,9 +1,10 @@
 """`dnc generate`: a strategy over a task split as a Ray Data pipeline, written as resumable Parquet.
 
-    rows -> [decompose] -> [solve | direct] -> [score] -> driver writes each finished batch
+    rows -> [reference decompositions] -> [MethodStage: the strategy's steps per row] -> [score]
+         -> driver writes each finished batch
 
-Each model stage is an actor pool (`ModelStage`, async `HTTPModelStage` for openai engines); rows whose
-latest attempt succeeded are skipped.
+`MethodStage` is one async actor pool holding every model the strategy uses (method_stage.py).
+Rows whose latest attempt succeeded are skipped; a failed row restarts at the step that failed.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import datetime as dt
 import pyarrow as pa
 import ray
 
-from dnc_ray.config import STAGES_OF, ConfigError, GenerateConfig, OpenAIModel, ReferenceModel
+from dataclasses import replace
+
+from dnc_ray.config import ConfigError, GenerateConfig, ReferenceModel
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.infra.progress import Progress
 from dnc_ray.infra.store import RunStore
-from dnc_ray.stages.decompose import reference_decompose
-from dnc_ray.stages.model_stage import HTTPModelStage, ModelStage
-from dnc_ray.stages.rows import new_row, row_key, to_table
+from dnc_ray.method import STRATEGIES, MethodOptions
+from dnc_ray.stages.method_stage import MethodStage
+from dnc_ray.stages.reference import reference_decompose
+from dnc_ray.method.row import new_row, row_key, to_table
 from dnc_ray.stages.score import score_batch
-from dnc_ray.tasks import load_rows, scorer
+from dnc_ray.tasks import get_task, load_rows, scorer
 
 # What makes two configs the same run (resumable into one output); the rest are runtime knobs.
 _MODEL_IDENTITY = {"engine", "model", "base_url", "temperature", "max_tokens"}
-HTTP_BATCHES_PER_ACTOR = 4  # batches an openai stage's actor holds at once (requests stay bounded by max_in_flight)
+BATCHES_PER_ACTOR = 4  # batches a MethodStage actor runs at once: its models' calls stay busy across batches
 
 
 def run_identity(cfg: GenerateConfig) -> dict:
@@ -37,6 +41,7 @@ def run_identity(cfg: GenerateConfig) -> dict:
         "strategy": cfg.strategy,
         "num_samples": cfg.num_samples,
         "max_subquestions": cfg.max_subquestions,
+        "max_turns": cfg.max_turns,
         "decompositions": cfg.decompositions,
         "decomposer": model(cfg.decomposer),
         "solver": model(cfg.solver),
@@ -61,36 +66,48 @@ def input_rows(cfg: GenerateConfig) -> list[dict]:
 
 
 def build_dataset(cfg: GenerateConfig, rows: list[dict]) -> ray.data.Dataset:
-    """The Ray Data pipeline for the strategy: one operator per stage, then scoring."""
-    stages = STAGES_OF[cfg.strategy]
-    first = cfg.decomposer if "decompose" in stages else cfg.solver
-    block = getattr(first, "batch_size", 64)
+    """The Ray Data pipeline: reference decompositions (if any), the strategy's MethodStage, scoring."""
+    models = {role: getattr(cfg, role) for role in STRATEGIES[cfg.strategy].roles}
+    reference = isinstance(models.get("decomposer"), ReferenceModel)
+    models = {role: model for role, model in models.items() if not isinstance(model, ReferenceModel)}
+    rows_per_batch = max((m.batch_size for m in models.values()), default=64)
     table = to_table(rows)
-    ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(rows), block)])
-    if "decompose" in stages:
-        ds = _model_stage(ds, "decompose", cfg.decomposer, cfg.max_subquestions)
-    if "solve" in stages:
-        ds = _model_stage(ds, "direct" if cfg.strategy == "direct" else "solve", cfg.solver, cfg.max_subquestions)
+    ds = ray.data.from_arrow([table.slice(i, rows_per_batch) for i in range(0, len(rows), rows_per_batch)])
+    if reference:
+        ds = ds.map_batches(reference_decompose, batch_format="pyarrow", num_cpus=0)
+    if models:
+        ds = ds.map_batches(
+            MethodStage,
+            fn_constructor_args=(cfg.strategy, models, method_options(cfg)),
+            batch_size=rows_per_batch,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(
+                size=max(m.actors for m in models.values()), max_concurrent_calls_per_actor=BATCHES_PER_ACTOR
+            ),
+            num_cpus=sum(m.num_cpus for m in models.values()),
+            num_gpus=sum(getattr(m, "num_gpus", 0) for m in models.values()) or None,
+        )
+    if cfg.strategy != "decompose":
         ds = ds.map_batches(score_batch, fn_kwargs={"scorer": scorer(cfg.task)}, batch_format="pyarrow", num_cpus=0)
     return ds
 
 
-def _model_stage(ds: ray.data.Dataset, stage: str, model, max_subquestions: int) -> ray.data.Dataset:
-    if isinstance(model, ReferenceModel):
-        return ds.map_batches(reference_decompose, batch_format="pyarrow", num_cpus=0)
-    if isinstance(model, OpenAIModel):  # async: several batches share one actor's requests in flight
-        udf, calls = HTTPModelStage, HTTP_BATCHES_PER_ACTOR
-    else:  # one model, one generate call at a time
-        udf, calls = ModelStage, None
-    return ds.map_batches(
-        udf,
-        fn_constructor_args=(stage, model, max_subquestions),
-        batch_size=model.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=model.actors, max_concurrent_calls_per_actor=calls),
-        num_cpus=model.num_cpus,
-        num_gpus=getattr(model, "num_gpus", 0) or None,
-    )
+def method_options(cfg: GenerateConfig) -> MethodOptions:
+    rules = replace(get_task(cfg.task).rules, max_subquestions=cfg.max_subquestions)
+    return MethodOptions(rules=rules, max_turns=cfg.max_turns)
+
+
+def rows_to_run(rows: list[dict], stored: list[dict]) -> list[dict]:
+    """The rows whose latest attempt did not succeed; a failed one keeps the steps it finished."""
+    latest = {row_key(r): r for r in stored}
+    todo = []
+    for row in rows:
+        earlier = latest.get(row_key(row))
+        if earlier is None:
+            todo.append(row)
+        elif earlier["error"] is not None:
+            todo.append({**earlier, "error": None, "score": None, "correct": None})
+    return todo
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
@@ -103,8 +120,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
             "choose a new output, or delete that folder"
         )
     rows = input_rows(cfg)
-    done = store.done_keys()
-    todo = [r for r in rows if row_key(r) not in done]
+    todo = rows_to_run(rows, store.read_rows())
     if todo:
         init_ray(cfg.ray)  # before anything is written: an unreachable cluster leaves the output as it was
     print(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "

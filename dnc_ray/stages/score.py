@@ -6,7 +6,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from dnc_ray.stages.rows import to_table
+from dnc_ray.method.row import to_table
 
 Scorer = Callable[[str, list[list[str]]], tuple[float, bool]]
 

@@ -18,7 +18,7 @@ import datetime
 import json
 from pathlib import Path
 
-from dnc_ray import prompts
+from dnc_ray.method import prompts
 from dnc_ray.config import HFModel, TaskConfig
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.hf import HFEngine

@@ -1,4 +1,4 @@
-"""Decomposition, solving and direct prompts; sub-question parsing and answer extraction.
+"""Every prompt of the method (decompose, solve, direct, self-ask), sub-question parsing and answer extraction.
 
 The wording is ours; the structure follows Wu et al. 2024 (Divide-or-Conquer): the decomposer
 writes at most N sub-questions or "No decomposition"; the solver answers the sub-questions one
@@ -30,6 +30,14 @@ DIRECT_INSTRUCTION = (
     'in the form "The answer is: X".'
 )
 
+SELF_ASK_INSTRUCTION = (
+    "Answer the last question as in the examples: ask the follow-up questions you need, one at a time, "
+    "and end with the final answer. Continue the last example where it stops: write the next "
+    '"Follow up:" question, or "So the final answer is:" and the answer.'
+)
+
+FOLLOW_UP_INSTRUCTION = "Answer the question in a few words, without explanation."
+
 _FIVE_WORDS = " in at most five words"
 
 
@@ -39,9 +47,9 @@ def decompose_messages(question: str, context: str | None, max_subquestions: int
     return _user(instruction, _context_block(context), f"Question: {question}")
 
 
-def solve_messages(question: str, context: str | None, subquestions: list[str]) -> list[dict]:
+def solve_messages(question: str, context: str | None, subquestions: list[str], short_answer: bool = False) -> list[dict]:
     """The solving prompt (I_ans): sub-questions numbered on one line, then the question."""
-    length_rule = _FIVE_WORDS if context else ""
+    length_rule = _FIVE_WORDS if short_answer else ""
     numbered = " ".join(f"{i}. {q}" for i, q in enumerate(subquestions, 1)) or "(none)"
     return _user(
         SOLVE_INSTRUCTION.format(length_rule=length_rule),
@@ -51,11 +59,21 @@ def solve_messages(question: str, context: str | None, subquestions: list[str]) 
     )
 
 
-def direct_messages(question: str, context: str | None, task: str) -> list[dict]:
-    """Single-stage prompt: the question alone on Bamboogle, a concise-answer instruction elsewhere."""
-    if task == "bamboogle":
+def direct_messages(question: str, context: str | None, bare: bool = False) -> list[dict]:
+    """Single-stage prompt: the question alone when `bare` (Bamboogle), else a concise-answer instruction."""
+    if bare:
         return _user(question)
     return _user(DIRECT_INSTRUCTION, _context_block(context), f"Question: {question}")
+
+
+def self_ask_messages(examples: str, context: str | None, transcript: str) -> list[dict]:
+    """A self-ask turn: the few-shot examples, then the transcript so far for the model to continue."""
+    return _user(SELF_ASK_INSTRUCTION, examples.strip(), _context_block(context), transcript)
+
+
+def follow_up_messages(follow_up: str, context: str | None) -> list[dict]:
+    """A self-ask follow-up put to the solver: a short answer, no explanation."""
+    return _user(FOLLOW_UP_INSTRUCTION, _context_block(context), f"Question: {follow_up}")
 
 
 def format_subquestions(subquestions: list[str]) -> str:

@@ -10,6 +10,7 @@ STAGE_USAGE = pa.struct(
         ("completion_tokens", pa.int64()),
         ("latency_s", pa.float64()),
         ("cost_usd", pa.float64()),
+        ("calls", pa.int64()),  # model calls (self_ask: one per turn or follow-up answer)
     ]
 )
 

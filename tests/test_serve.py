@@ -172,7 +172,7 @@ def test_bad_requests_get_4xx_with_a_message(tiny):
     assert status == 400 and body["error"]["message"] == "the request body is not valid JSON"
     status, body = call(url, {"context": "no question here"})
     assert status == 422 and body["error"]["message"] == "invalid request: question: Field required"
-    status, body = call(url, {"question": "?", "strategy": "self_ask"})
+    status, body = call(url, {"question": "?", "strategy": "self-ask-twice"})
     assert status == 422 and "strategy" in body["error"]["message"]
     assert call(url, {"question": "x" * 5000}) == (413, "Content Too Large")
     status, body = call(f"{tiny}/v1/chat/completions", {"model": "gpt-5", "messages": [{"role": "user", "content": "Hi"}]})

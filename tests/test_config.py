@@ -168,7 +168,17 @@ def test_unknown_strategy(tmp_path):
     text = VALID.replace("strategy: two_stage", "strategy: three_stage")
     message = error_of(tmp_path, text)
     assert "`strategy`" in message and f"line {line_of(text, 'three_stage')}" in message
-    assert "two_stage" in message
+    assert "two_stage" in message and "self_ask" in message
+
+
+def test_every_strategy_of_the_method_is_a_config_strategy():
+    from dnc_ray.method import STRATEGIES
+
+    for name, strategy in STRATEGIES.items():
+        models = {"solver": None} | {role: dict(OPENAI) for role in strategy.roles}
+        extra = {"decompositions": "runs/earlier"} if name == "solve" else {}
+        cfg = GenerateConfig.model_validate(config(strategy=name, **models, **extra))
+        assert cfg.strategy == name
 
 
 def test_unknown_engine(tmp_path):
@@ -219,6 +229,11 @@ def test_every_error_is_reported(tmp_path):
         ({"strategy": "solve"}, "`decompositions` (an earlier run) goes with strategy solve"),
         ({"decompositions": "runs/earlier"}, "`decompositions` (an earlier run) goes with strategy solve"),
         ({"solver": {"engine": "reference"}}, "the reference engine only decomposes"),
+        ({"strategy": "self_ask"}, "strategy self_ask needs a `decomposer`"),
+        ({"strategy": "self_ask", "decomposer": {"engine": "reference"}}, "the reference decomposer cannot"),
+        ({"strategy": "self_ask", "decomposer": {**OPENAI, "temperature": 0.5}, "num_samples": 2},
+         "num_samples > 1 samples decompositions"),
+        ({"strategy": "self_ask", "decomposer": dict(OPENAI), "max_turns": 0}, "greater than 0"),
         ({"task": {"name": "records"}}, "task records needs `path` and `metric`"),
         ({"task": {"name": "records", "path": "x.jsonl"}}, "task records needs `path` and `metric`"),
         ({"task": {"name": "records", "metric": "drop"}}, "task records needs `path` and `metric`"),
@@ -236,6 +251,7 @@ def test_cross_field_rules_pass_when_consistent():
         config(strategy="two_stage", decomposer={**OPENAI, "temperature": 0.8}, num_samples=4)
     )
     GenerateConfig.model_validate(config(strategy="solve", decompositions="runs/earlier"))
+    assert GenerateConfig.model_validate(config(strategy="self_ask", decomposer=dict(OPENAI))).max_turns == 8
     GenerateConfig.model_validate(config(task={"name": "records", "path": "x.jsonl", "metric": "drop"}))
     GenerateConfig.model_validate(config(solver={"engine": "hf", "dtype": "bfloat16", "device": "cuda", "num_gpus": 1}))
 

@@ -101,6 +101,7 @@ def test_self_ask_reply_without_either_marker_fails_the_row():
     with StubServer(reply=lambda messages: "I think it is twelve.") as server:
         done = run("self_ask", server, row())
     assert done["error"] == 'self_ask: turn 1: the reply has neither "Follow up:" nor "So the final answer is:"'
+    assert done["solution"] == f"Question: {QUESTION}\nAre follow up questions needed here: I think it is twelve."
 
 
 def test_self_ask_upstream_failure_on_turn_2_fails_the_row():

@@ -9,7 +9,8 @@ call to the solver, appended as "Intermediate answer: ...".
     So the final answer is: <prediction>
 
 The transcript is rebuilt in this canonical form from each reply (whatever the model adds after the
-line it was asked for is dropped), stored as `solution`; the follow-ups are the `subquestions`.
+line it was asked for is dropped), stored as `solution`; the follow-ups are the `subquestions`. A row
+that fails keeps the transcript so far in `solution`, ending with the reply that could not be used.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ async def self_ask(row: dict, ctx: StepContext) -> None:
         chat = prompts.self_ask_messages(ctx.options.rules.self_ask_examples, row["context"], transcript)
         reply = await ctx.ask("decomposer", chat, stop=(INTERMEDIATE,))
         kind, text = next_line(reply)
+        if kind is None:  # the transcript keeps the unusable reply, for whoever reads the failed row
+            row["solution"] = f"{transcript} {reply}" if first else f"{transcript}{reply}"
+            raise StepFailed(f'turn {turn}: the reply has neither "{FOLLOW_UP}" nor "{FINAL}"')
         if first:
             lines.append(f"{NEEDED} {'No' if kind == FINAL and _NO_FOLLOW_UP.match(reply) else 'Yes'}.")
         if kind == FINAL:
             lines.append(f"{FINAL} {text}")
             row["solution"], row["prediction"] = "\n".join(lines), text
             return
-        if kind is None:
-            row["solution"] = "\n".join(lines)
-            raise StepFailed(f'turn {turn}: the reply has neither "{FOLLOW_UP}" nor "{FINAL}"')
         row["subquestions"].append(text)
         answer = await ctx.ask("solver", prompts.follow_up_messages(text, row["context"]))
         lines += [f"{FOLLOW_UP} {text}", f"{INTERMEDIATE} {first_line(answer)}"]

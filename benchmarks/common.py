@@ -52,11 +52,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_stub(latency_s: float) -> tuple[subprocess.Popen, str]:
-    """The stand-in OpenAI-compatible server in its own process, once it answers."""
+def start_stub(latency_s: float, reply: str = "fixed") -> tuple[subprocess.Popen, str]:
+    """The stand-in OpenAI-compatible server in its own process, once it answers.
+
+    `reply`: "fixed" answers every prompt "The answer is: 42"; "self-ask" also follows the self-ask
+    protocol (dnc_ray.llm.stub_server.self_ask_reply)."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "dnc_ray.llm.stub_server", "--port", str(port),
-                               "--latency-s", str(latency_s)], stdout=subprocess.DEVNULL)
+                               "--latency-s", str(latency_s), "--reply", reply], stdout=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
     for _ in range(100):

@@ -11,8 +11,8 @@ from benchmarks.report import bar_plot, table
 from dnc_ray.config import HFModel, TaskConfig
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.hf import HFEngine
-from dnc_ray.prompts import decompose_messages
-from dnc_ray.tasks import load_rows
+from dnc_ray.method.prompts import decompose_messages
+from dnc_ray.tasks import TASKS, load_rows
 
 SIZES = {"tiny": {"model": "tiny-random-smollm2", "prompts": 8, "max_tokens": 8, "batches": [1, 8]},
          "full": {"model": "smollm2-135m-instruct", "prompts": 32, "max_tokens": 64, "batches": [1, 8, 32]}}
@@ -40,7 +40,8 @@ def engine_tokens_per_s(engine: HFEngine, chats: list, max_tokens: int, batch_si
 def run(size: str) -> dict:
     p = SIZES[size]
     rows = load_rows(TaskConfig(name="gsm8k", split="test", limit=p["prompts"]))
-    chats = [decompose_messages(r["question"], None) for r in rows]
+    # raw chats (the engine's batch is what is measured): the method's own decomposition prompt
+    chats = [decompose_messages(r["question"], None, TASKS["gsm8k"].rules.max_subquestions) for r in rows]
     engine = HFEngine(HFModel(engine="hf", model=p["model"]))
     engine.generate(chats[:2], SamplingParams(max_tokens=4))  # warm-up
     baseline = one_by_one_tokens_per_s(engine, chats, p["max_tokens"])

@@ -3,9 +3,10 @@
 1. Load curve: N concurrent clients, each sending its next request as soon as the last one is answered,
    for T seconds; requests/s and p50/p95/p99 latency against N, with `@serve.batch` on (batch_size 8)
    and off (batch_size 1), local SmolLM2 as decomposer and solver.
-2. Graph overhead: the same load through the graph against calling the two engines directly from the
-   load generator (decompose, parse, solve: what the ingress does), both stages on an OpenAI-compatible
-   stand-in with a fixed latency, so the difference is the graph's own cost (HTTP proxy, ingress, handles).
+2. Graph overhead: the same load through the graph against running the method's two_stage in the load
+   generator over the two engines directly (what the ingress does, without the graph), both stages on an
+   OpenAI-compatible stand-in with a fixed latency, so the difference is the graph's own cost (HTTP
+   proxy, ingress, handles).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -24,11 +26,12 @@ from benchmarks.common import free_port, start_stub
 from benchmarks.report import plt, save_figure, table
 from dnc_ray.config import OpenAIModel, RayConfig, ServeAppConfig, TaskConfig
 from dnc_ray.infra.cluster import init_ray
-from dnc_ray.llm import SamplingParams
+from dnc_ray.llm.chat_model import ChatModel
 from dnc_ray.llm.openai import OpenAIEngine
-from dnc_ray.prompts import decompose_messages, parse_subquestions, solve_messages
+from dnc_ray.method import STRATEGIES, MethodOptions, run_row
+from dnc_ray.method.row import new_row
 from dnc_ray.serve.app import build_app
-from dnc_ray.tasks import load_rows
+from dnc_ray.tasks import GENERIC_RULES, load_rows
 
 SIZES = {
     "tiny": {"model": "tiny-random-smollm2", "max_tokens": [8, 8], "concurrency": [1, 4], "seconds": 3,
@@ -78,14 +81,19 @@ def http_session(timeout_s: float) -> aiohttp.ClientSession:
                                  connector=aiohttp.TCPConnector(limit=64))
 
 
-def direct_sender(decomposer: OpenAIEngine, solver: OpenAIEngine, params: SamplingParams) -> Send:
-    """The two engines called in a row, as the ingress calls them, without the graph."""
+def direct_sender(app: ServeAppConfig) -> Send:
+    """The method's two_stage over the app's two models called directly: what the ingress runs per
+    request, with the options it gives a request without a task, without the graph."""
+    models = {role: ChatModel(served.model, OpenAIEngine(served.model))
+              for role, served in (("decomposer", app.decomposer), ("solver", app.solver))}
+    rules = GENERIC_RULES if app.max_subquestions is None else replace(GENERIC_RULES, max_subquestions=app.max_subquestions)
+    options = MethodOptions(rules=rules, max_turns=app.max_turns)
+
     async def send(question: str) -> None:
-        [decomposition] = await decomposer.agenerate([decompose_messages(question, None, 3)], params)
-        chat = solve_messages(question, None, parse_subquestions(decomposition.text))
-        [solution] = await solver.agenerate([chat], params)
-        if solution.error:
-            raise RuntimeError(solution.error)
+        row = new_row({"id": "request", "task": None, "split": None, "question": question, "context": None, "answers": None})
+        await run_row(STRATEGIES["two_stage"], row, models, options)
+        if row["error"] is not None:
+            raise RuntimeError(row["error"])  # a failed request is not a measurement
     return send
 
 
@@ -123,11 +131,10 @@ async def load_curves(p: dict, questions: list[str], port: int) -> dict:
 async def graph_overhead(p: dict, questions: list[str], port: int) -> dict:
     server, base_url = start_stub(p["upstream_latency_s"])
     try:
-        model = upstream_model(base_url)
-        served = {"model": model.model_dump(), "num_cpus": 0.25}
-        url = deploy(ServeAppConfig(decomposer=served, solver=served), port)
-        params = SamplingParams(temperature=model.temperature, max_tokens=model.max_tokens)  # what the ingress sends
-        direct = direct_sender(OpenAIEngine(model), OpenAIEngine(model), params)
+        served = {"model": upstream_model(base_url).model_dump(), "num_cpus": 0.25}
+        app = ServeAppConfig(decomposer=served, solver=served)
+        url = deploy(app, port)
+        direct = direct_sender(app)
         overhead = {}
         async with http_session(120) as http:
             graph = http_sender(http, url)

@@ -29,6 +29,22 @@ def check_teacher_http(result: dict) -> None:
         assert rates["ray_data_two_stage_steady"] is None and result["steady_share_of_ideal"] is None
     assert result["speedup_vs_sequential"] == pytest.approx(rates["ray_data_two_stage"] / rates["sequential_openai_loop"], abs=0.05)
     assert 0 < result["cpu_busy_share_during_run"] <= 1
+    # self_ask in the same run: every row takes its follow-ups' requests, against the same ideal
+    assert result["self_ask_errors"] == 0
+    assert p["self_ask_requests_per_row"] == 2 * p["self_ask_follow_ups"] + 1
+    requests = result["requests"]
+    assert requests["self_ask_run"] == p["self_ask_requests_per_row"] * p["self_ask_rows"]
+    assert requests["self_ask_short_run"] == p["self_ask_requests_per_row"] * p["self_ask_short_rows"]
+    assert rates["ray_data_self_ask"] > 0
+    assert rates["ray_data_self_ask"] == pytest.approx(requests["self_ask_run"] / seconds["self_ask_run"])
+    assert result["self_ask_share_of_ideal"] == pytest.approx(rates["ray_data_self_ask"] / rates["ideal"], abs=0.001)
+    extra_s = seconds["self_ask_run"] - seconds["self_ask_short_run"]
+    if extra_s > 0:
+        steady = (requests["self_ask_run"] - requests["self_ask_short_run"]) / extra_s
+        assert rates["ray_data_self_ask_steady"] == pytest.approx(steady) and rates["ray_data_self_ask_steady"] > 0
+    else:
+        assert rates["ray_data_self_ask_steady"] is None and result["self_ask_steady_share_of_ideal"] is None
+    assert 0 < result["self_ask_bound_share_of_ideal"] < 1 and 0 < result["cpu_busy_share_during_self_ask_run"] <= 1
 
 
 def check_hf_batch(result: dict) -> None:

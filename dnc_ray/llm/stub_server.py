@@ -8,6 +8,7 @@ an OpenAI-style error body, or `GARBAGE` to answer 200 with JSON that has no cho
 Run it standalone for dry runs and benchmarks:
 
     python -m dnc_ray.llm.stub_server --port 8001 --latency-s 0.2
+    python -m dnc_ray.llm.stub_server --reply self-ask   # self-ask prompts answered by a script (self_ask_reply)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from dnc_ray.method.prompts import FOLLOW_UP_INSTRUCTION, SELF_ASK_INSTRUCTION
+
 GARBAGE = "garbage"
 
 Reply = Callable[[list[dict]], str]
@@ -33,6 +36,35 @@ Fail = Callable[[int, list[dict]], "int | str | None"]
 
 def _default_reply(messages: list[dict]) -> str:
     return "The answer is: 42"
+
+
+SELF_ASK_FOLLOW_UPS = 2  # follow-ups `self_ask_reply` asks before its final answer
+
+
+def self_ask_reply(messages: list[dict]) -> str:
+    """A reply that follows the self-ask protocol by a fixed script; other prompts get the default reply.
+
+    A self-ask turn (the prompt starts with the method's SELF_ASK_INSTRUCTION) is answered
+    "Follow up: ...?" until the transcript (the prompt's last block, from its "Question: ") holds
+    SELF_ASK_FOLLOW_UPS "Follow up:" lines, then "So the final answer is: 7"; a follow-up question
+    (FOLLOW_UP_INSTRUCTION) is answered "7". A self_ask row thus takes 2 * SELF_ASK_FOLLOW_UPS + 1 requests.
+    """
+    content = messages[-1].get("content") if messages else None
+    if not isinstance(content, str):
+        return _default_reply(messages)
+    if content.startswith(SELF_ASK_INSTRUCTION):
+        transcript = content.rsplit("\n\nQuestion: ", 1)[-1]  # after the examples (each opens with "Question:")
+        asked = sum(line.startswith("Follow up:") for line in transcript.splitlines())
+        if asked < SELF_ASK_FOLLOW_UPS:
+            opening = "Yes.\n" if asked == 0 else ""
+            return f"{opening}Follow up: What is step {asked + 1}?"
+        return "So the final answer is: 7"
+    if content.startswith(FOLLOW_UP_INSTRUCTION):
+        return "7"
+    return _default_reply(messages)
+
+
+REPLIES: dict[str, Reply] = {"fixed": _default_reply, "self-ask": self_ask_reply}
 
 
 def _words(text: object) -> int:
@@ -158,8 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--latency-s", type=float, default=0.0, help="seconds each request waits before answering")
     parser.add_argument("--model", default="stub-teacher")
+    parser.add_argument("--reply", choices=list(REPLIES), default="fixed",
+                        help='fixed: "The answer is: 42" to every prompt; self-ask: self_ask_reply')
     args = parser.parse_args(argv)
-    StubServer(latency_s=args.latency_s, model=args.model, host=args.host, port=args.port).serve_forever()
+    StubServer(reply=REPLIES[args.reply], latency_s=args.latency_s, model=args.model, host=args.host,
+               port=args.port).serve_forever()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from dnc_ray.config import (
     ConfigError,
     GenerateConfig,
     PipelineConfig,
+    RowsFailed,
     ServeConfig,
     TrainConfig,
     load_config,
@@ -22,9 +23,10 @@ USER_ERRORS = (ConfigError, TaskError, TrainSetError, ModelRefError, FileNotFoun
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from dnc_ray.stages.generate import run_generate
+    from dnc_ray.stages.generate import check_failed_rows, run_generate
 
-    run_generate(load_config(args.config, GenerateConfig))
+    cfg = load_config(args.config, GenerateConfig)
+    check_failed_rows(cfg, run_generate(cfg))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -86,13 +88,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit codes (README "Exit codes"): 0 done; 1 an unexpected error (a traceback: a bug or an infrastructure
+# failure); 2 a user error, one line, stopped before Ray started or anything was written; 3 the run
+# finished but more rows failed than `max_failed_rows` allows (every row is written; a re-run retries them).
+EXIT_USER_ERROR = 2
+EXIT_ROWS_FAILED = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.fn(args)
     except USER_ERRORS as e:
         print(f"dnc {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except RowsFailed as e:
+        print(f"dnc {args.command}: failed rows: {e}", file=sys.stderr)
+        return EXIT_ROWS_FAILED
     return 0
 
 

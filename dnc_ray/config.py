@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dnc_ray.method.strategies import STRATEGIES
 from dnc_ray.tasks import RECORDS, TASKS, get_task
@@ -14,6 +14,10 @@ from dnc_ray.tasks import RECORDS, TASKS, get_task
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names file, line and field."""
+
+
+class RowsFailed(Exception):
+    """More rows failed than the config's `max_failed_rows` allows: the CLI exits 3 (the rows are written)."""
 
 
 class _Strict(BaseModel):
@@ -123,6 +127,31 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray; null = all cores")
 
 
+def _failed_rows(value: int | str) -> int | str:
+    if isinstance(value, str):
+        share = value.strip().removesuffix("%")
+        try:
+            number = float(share) if value.strip().endswith("%") else None
+        except ValueError:
+            number = None
+        if number is None or not 0 <= number <= 100:
+            raise ValueError(f"expected a count (0, 10) or a share such as '5%', got {value!r}")
+        return value.strip()
+    if value < 0:
+        raise ValueError("a count of rows cannot be negative")
+    return value
+
+
+FailedRows = Annotated[Union[int, str], AfterValidator(_failed_rows)]
+
+
+def failed_rows_allowed(limit: int | str, rows: int) -> int:
+    """How many of `rows` may fail under a `max_failed_rows` setting (a count, or a share '5%')."""
+    if isinstance(limit, str):
+        return int(float(limit.removesuffix("%")) * rows / 100)
+    return limit
+
+
 class GenerateConfig(_Strict):
     task: TaskConfig
     strategy: str = Field(description="a strategy of dnc_ray.method.STRATEGIES: direct, two_stage, decompose, solve, self_ask")
@@ -135,6 +164,8 @@ class GenerateConfig(_Strict):
         None, gt=0, description="None: the task's default (the paper: 2 on Bamboogle, 3 elsewhere)"
     )
     max_turns: int = Field(8, gt=0, description="self_ask: decomposer turns before a row without a final answer fails")
+    max_failed_rows: FailedRows = Field(0, description="failed rows allowed before `dnc generate` exits 3: "
+                                        "a count, or a share of the run's rows such as '5%'")
     progress_interval_s: float = Field(10.0, gt=0)
     ray: RayConfig = RayConfig()
 
@@ -182,20 +213,54 @@ def load_config(path: str | Path, cls: type[C]) -> C:
     """Read a YAML file into `cls`; every problem becomes a ConfigError naming file, line, field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the config as UTF-8") from None
     try:
         data = yaml.safe_load(text)
         root = yaml.compose(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    duplicate = _duplicate_key(root)
+    if duplicate:
+        line, field = duplicate
+        raise ConfigError(f"{path}: line {line}: duplicate key `{field}` (each key may appear once)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(path, root, e)) from None
+
+
+def _duplicate_key(node: yaml.Node | None, prefix: str = "", visited: set | None = None) -> tuple[int, str] | None:
+    """(1-based line, dotted field) of the first key repeated in a mapping (YAML itself lets the last one win)."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:  # an alias seen before (anchors may even nest)
+        return None
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name != "<<":
+                if name in seen:
+                    return key.start_mark.line + 1, f"{prefix}{name}"
+                seen.add(name)
+            found = _duplicate_key(value, f"{prefix}{name}." if name is not None else prefix, visited)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{prefix}{index}.", visited)
+            if found:
+                return found
+    return None
 
 
 def _describe(path: Path, root: yaml.Node, error: ValidationError) -> str:
@@ -382,6 +447,8 @@ class PipelineConfig(_Strict):
     )
     student: StudentTraining = StudentTraining()
     student_decomposer: StudentDecomposer = StudentDecomposer()
+    max_failed_rows: FailedRows = Field(0, description="failed rows allowed per generation run (teacher and each "
+                                        "evaluation) before `dnc pipeline` exits 3: a count, or a share such as '5%'")
     progress_interval_s: float = Field(10.0, gt=0)
     ray: RayConfig = RayConfig()
 

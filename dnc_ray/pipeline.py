@@ -10,23 +10,28 @@ from __future__ import annotations
 import io
 import json
 
-from dnc_ray.config import GenerateConfig, PipelineConfig, TrainConfig
+from dnc_ray.config import GenerateConfig, PipelineConfig, RowsFailed, TrainConfig
 from dnc_ray.distill import build_training_set, yield_table
 from dnc_ray.evaluate import evaluate_run, markdown_table
 from dnc_ray.infra import storage
-from dnc_ray.stages.generate import run_generate
+from dnc_ray.stages.generate import check_api_keys, check_failed_rows, check_output, run_generate
 from dnc_ray.train.recipe import run_train
 
 REPORT_FILES = ("report.md", "report.json", "cost_vs_accuracy.png")
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Every stage in turn. A teacher run with more failed rows than `max_failed_rows` stops the pipeline
+    (RowsFailed) before distillation; an evaluation run's failures are reported, then raised at the end."""
     out = cfg.output.rstrip("/")
+    check_output(out)
+    check_api_keys({"teacher_decomposer": cfg.teacher_decomposer, "teacher_solver": cfg.teacher_solver})
     for name in REPORT_FILES:  # never leave an old report beside a run that did not finish
         storage.delete(storage.join(out, name))
 
     _stage("teacher run")
-    run_generate(teacher_run(cfg, f"{out}/teacher"))
+    teacher = teacher_run(cfg, f"{out}/teacher")
+    check_failed_rows(teacher, run_generate(teacher))  # a partial set would be distilled (and reused) otherwise
     _stage(f"distill {cfg.variant}")
     if storage.exists(storage.join(out, "distill", "train.parquet")):
         print(f"[pipeline] reusing {out}/distill", flush=True)
@@ -37,12 +42,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print(f"[pipeline] reusing {out}/student/model", flush=True)
     else:
         run_train(student_training(cfg, out))
-    reports = []
+    reports, failures = [], []
     for name, gen in evaluation_runs(cfg, out).items():
         _stage(f"evaluate {name}")
-        run_generate(gen)
+        attempt = run_generate(gen)
         reports.append({"name": name, **evaluate_run(gen.output)})
-    return write_report(cfg, out, reports)
+        try:
+            check_failed_rows(gen, attempt)
+        except RowsFailed as e:
+            failures.append(f"evaluation run {name}: {e}")
+    summary = write_report(cfg, out, reports)
+    if failures:
+        raise RowsFailed("; ".join(failures))
+    return summary
 
 
 def teacher_run(cfg: PipelineConfig, output: str) -> GenerateConfig:
@@ -56,6 +68,7 @@ def teacher_run(cfg: PipelineConfig, output: str) -> GenerateConfig:
         solver=cfg.teacher_solver if solve else None,
         num_samples=cfg.num_samples,
         max_subquestions=cfg.max_subquestions,
+        max_failed_rows=cfg.max_failed_rows,
         progress_interval_s=cfg.progress_interval_s,
         ray=cfg.ray,
     )
@@ -75,7 +88,7 @@ def evaluation_runs(cfg: PipelineConfig, out: str) -> dict[str, GenerateConfig]:
         "student": decoding | {"model": f"{out}/student/model"},
     }
     common = {"task": cfg.eval_task, "solver": cfg.teacher_solver, "max_subquestions": cfg.max_subquestions,
-              "progress_interval_s": cfg.progress_interval_s, "ray": cfg.ray}
+              "max_failed_rows": cfg.max_failed_rows, "progress_interval_s": cfg.progress_interval_s, "ray": cfg.ray}
     runs = {"direct": GenerateConfig(strategy="direct", output=f"{out}/eval/direct", **common)}
     for name, decomposer in decomposers.items():
         runs[name] = GenerateConfig(strategy="two_stage", output=f"{out}/eval/{name}", decomposer=decomposer, **common)

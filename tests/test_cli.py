@@ -294,3 +294,78 @@ def test_generate_unreachable_ray_address_fails_fast(tmp_path):
     result = dnc("generate", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
     assert_user_error(result, "generate")
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in result.stderr
+
+
+# ---------------------------------------------------------------- checked before Ray starts: one line, rc 2, nothing written
+
+
+def assert_one_line_error(result, command):
+    assert_user_error(result, command)
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no Ray start-up log before it
+
+
+def test_generate_unset_api_key_env_is_one_line_before_ray(tmp_path):
+    out = tmp_path / "out"
+    cfg = {**direct_config(out, limit=1), "solver": {"engine": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+                                                     "api_key_env": "DNC_TEST_UNSET_KEY"}}
+    env_before = os.environ.pop("DNC_TEST_UNSET_KEY", None)
+    try:
+        result = dnc("generate", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    finally:
+        if env_before is not None:
+            os.environ["DNC_TEST_UNSET_KEY"] = env_before
+    assert_one_line_error(result, "generate")
+    assert "environment variable DNC_TEST_UNSET_KEY (api_key_env of solver, model m) is not set" in result.stderr
+    assert not out.exists()
+
+
+def test_pipeline_unset_api_key_env_is_one_line_before_ray(tmp_path):
+    teacher = {"engine": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "DNC_TEST_UNSET_KEY"}
+    cfg = {"output": str(tmp_path / "out"), "train_task": {"name": "gsm8k", "limit": 2},
+           "eval_task": {"name": "gsm8k", "limit": 2}, "teacher_decomposer": teacher, "teacher_solver": teacher}
+    result = dnc("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", cfg)), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("dnc pipeline: error: ")  # (DeepSpeed's import
+    assert result.stderr.count("\n") == 1, result.stderr  # prints a line to stdout: not checked here)
+    assert "DNC_TEST_UNSET_KEY (api_key_env of teacher_decomposer" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+def test_generate_output_that_is_a_file(tmp_path, below):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("mine\n")
+    out = taken / below if below else taken
+    result = dnc("generate", "--config", str(write_yaml(tmp_path / "c.yaml", direct_config(out, limit=1))), cwd=tmp_path)
+    assert_one_line_error(result, "generate")
+    assert "is a file, not a folder" in result.stderr and str(taken) in result.stderr
+    assert taken.read_text() == "mine\n" and files_under(tmp_path) == ["c.yaml", "taken.txt"]
+
+
+def test_generate_config_not_utf8(tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes(f"task: {{name: gsm8k}}\nstrategy: direct\n# caf\xe9\noutput: {tmp_path / 'out'}\n".encode("latin-1"))
+    result = dnc("generate", "--config", str(config), cwd=tmp_path)
+    assert_one_line_error(result, "generate")
+    assert f"{config}: line 3: not UTF-8 text" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_config_duplicate_key(tmp_path):
+    config = tmp_path / "dup.yaml"
+    config.write_text(f"task: {{name: gsm8k}}\nstrategy: direct\noutput: {tmp_path / 'a'}\nsolver: {{engine: hf}}\n"
+                      f"output: {tmp_path / 'b'}\n")
+    result = dnc("generate", "--config", str(config), cwd=tmp_path)
+    assert_one_line_error(result, "generate")
+    assert f"{config}: line 5: duplicate key `output`" in result.stderr
+    assert files_under(tmp_path) == ["dup.yaml"]
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_generate_empty_task_file(tmp_path, content):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(content)
+    cfg = {**direct_config(tmp_path / "out"), "task": {"name": "records", "path": str(data), "metric": "gsm8k"}}
+    result = dnc("generate", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    assert_one_line_error(result, "generate")
+    assert f"{data}: no records" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -389,3 +389,40 @@ def test_every_shipped_generate_config_validates():
     assert len(generate) >= 4
     for path in generate:
         load_config(path, GenerateConfig)
+
+
+# ---------------------------------------------------------------- duplicate keys, encoding, max_failed_rows
+
+
+def test_a_duplicate_key_names_file_line_and_field(tmp_path):
+    message = error_of(tmp_path, VALID + "strategy: direct\n", "dup.yaml")
+    assert f"line {VALID.count(chr(10)) + 1}" in message and "duplicate key `strategy`" in message
+    nested = VALID.replace("  temperature: 0.7\n", "  temperature: 0.7\n  temperature: 0.9\n")
+    message = error_of(tmp_path, nested, "nested.yaml")
+    assert f"line {line_of(nested, 'temperature: 0.9')}" in message and "`decomposer.temperature`" in message
+
+
+def test_a_config_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(VALID.replace("runs/gsm8k-two-stage", "runs/caf\u00e9").encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, GenerateConfig)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line {line_of(VALID, 'output:')}: not UTF-8") and "\n" not in message
+
+
+@pytest.mark.parametrize("value, rows, allowed", [(0, 100, 0), (3, 100, 3), ("5%", 100, 5), ("5%", 10, 0),
+                                                  ("100%", 7, 7), ("12.5%", 16, 2)])
+def test_max_failed_rows_is_a_count_or_a_share(value, rows, allowed):
+    from dnc_ray.config import failed_rows_allowed
+
+    cfg = GenerateConfig.model_validate({"task": {"name": "gsm8k"}, "strategy": "direct", "output": "o",
+                                         "solver": HF, "max_failed_rows": value})
+    assert failed_rows_allowed(cfg.max_failed_rows, rows) == allowed
+
+
+@pytest.mark.parametrize("value", [-1, "x", "5", "101%", "-3%"])
+def test_max_failed_rows_rejects_the_rest(value):
+    with pytest.raises(ValueError, match="max_failed_rows"):
+        GenerateConfig.model_validate({"task": {"name": "gsm8k"}, "strategy": "direct", "output": "o",
+                                       "solver": HF, "max_failed_rows": value})

@@ -248,3 +248,41 @@ def test_self_ask_on_a_local_hf_model(ray_local, tmp_path):
         assert row["error"] in ('self_ask: turn 1: the reply has neither "Follow up:" nor "So the final answer is:"',
                                 "self_ask: empty reply")
         assert row["decomposer"] == "tiny-random-smollm2" and 0 < row["usage"]["decompose"]["completion_tokens"] <= 6
+
+
+def dnc_generate(cfg: dict, cfg_path: Path) -> subprocess.CompletedProcess:
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "-m", "dnc_ray.cli", "generate", "--config", str(cfg_path)],
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_exit_status_tells_whether_rows_failed_beyond_the_threshold(ray_local, tmp_path):
+    """1 of 4 rows fails: exit 3 with the default threshold (any), 0 with '25%'; the summary is printed either way."""
+    broken = ROWS[1]["question"]
+    fail = lambda index, messages: 500 if question_of(messages[-1]["content"]) == broken else None  # noqa: E731
+    with StubServer(fail=fail) as server:
+        cfg = {"task": {"name": "gsm8k", "split": "test", "limit": 4}, "strategy": "direct",
+               "output": str(tmp_path / "run"), "solver": teacher_model(server), "ray": {"address": ray_local}}
+        strict = dnc_generate(cfg, tmp_path / "strict.yaml")
+        assert strict.returncode == 3, strict.stderr[-3000:]
+        assert "[generate] finished: 4 rows run (1 failed)" in strict.stdout
+        assert strict.stderr.splitlines()[-1] == (
+            f"dnc generate: failed rows: {tmp_path / 'run'}: 1 of 4 rows failed, more than max_failed_rows (0) allows; "
+            "the rows are written with their error: run the same config again to retry them")
+        lenient = dnc_generate({**cfg, "max_failed_rows": "25%"}, tmp_path / "lenient.yaml")
+        assert lenient.returncode == 0, lenient.stderr[-3000:]
+        assert "[generate] finished: 1 rows run (1 failed), 3 done earlier, 4 in the run" in lenient.stdout
+
+
+def test_pipeline_stops_after_a_teacher_run_with_failed_rows(tmp_path, monkeypatch):
+    """No distillation from a partial teacher run (it would be reused by every later run of the pipeline)."""
+    from dnc_ray import pipeline
+    from dnc_ray.config import PipelineConfig, RowsFailed
+
+    cfg = PipelineConfig.model_validate({
+        "output": str(tmp_path / "p"), "train_task": {"name": "gsm8k", "limit": 4}, "eval_task": {"name": "gsm8k", "limit": 2},
+        "teacher_decomposer": {"engine": "reference"}, "teacher_solver": {"engine": "hf"}, "variant": "sd-t"})
+    monkeypatch.setattr(pipeline, "run_generate", lambda gen: {"rows": 4, "errors": 1, "run_rows": 4})
+    monkeypatch.setattr(pipeline, "build_training_set", lambda *a: pytest.fail("distilled a partial teacher run"))
+    with pytest.raises(RowsFailed, match="1 of 4 rows failed"):
+        pipeline.run_pipeline(cfg)

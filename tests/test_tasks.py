@@ -377,3 +377,12 @@ def test_drop_examples_arithmetic():
     assert "61-yard touchdown pass" in first["context"] and "37-yard field goal" in first["context"]
     assert int(first["final"]) == 61 - 37
     assert "31.5% had children" in second["context"] and float(second["final"]) == 100 - 31.5
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_an_empty_task_file_is_an_error_naming_it(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    for cfg in (TaskConfig(name="gsm8k", path=str(path)), TaskConfig(name="records", path=str(path), metric="gsm8k")):
+        with pytest.raises(TaskError, match=r"empty\.jsonl: no records \(the file is empty or holds only blank lines\)"):
+            load_rows(cfg)

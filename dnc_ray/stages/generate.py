@@ -10,13 +10,16 @@ Rows whose latest attempt succeeded are skipped; a failed row restarts at the st
 from __future__ import annotations
 
 import datetime as dt
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import ray
 
 from dataclasses import replace
 
-from dnc_ray.config import ConfigError, GenerateConfig, ReferenceModel
+from dnc_ray.config import ConfigError, GenerateConfig, OpenAIModel, ReferenceModel, RowsFailed, failed_rows_allowed
+from dnc_ray.infra import storage
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.infra.progress import Progress
 from dnc_ray.infra.store import RunStore
@@ -110,8 +113,48 @@ def rows_to_run(rows: list[dict], stored: list[dict]) -> list[dict]:
     return todo
 
 
+def check_output(output: str) -> None:
+    """The output is a folder or nothing yet: never a file (nor a path through one)."""
+    if storage.exists(output) and not storage.is_folder(output):
+        raise ConfigError(f"output {output}: is a file, not a folder; choose another output")
+    if "://" not in output:
+        for parent in Path(storage.absolute(output)).parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"output {output}: {parent} is a file, not a folder; choose another output")
+                break
+
+
+def check_api_keys(models: dict[str, object]) -> None:
+    """Every `api_key_env` names a variable that is set here (the driver; Ray workers inherit it, as do
+    `ray job submit` runtime_env env_vars): one line naming the variable, never its value."""
+    for role, model in models.items():
+        if isinstance(model, OpenAIModel) and model.api_key_env is not None and not os.environ.get(model.api_key_env):
+            raise ConfigError(
+                f"environment variable {model.api_key_env} (api_key_env of {role}, model {model.model}) is not set: "
+                "export it with the API key, or set api_key_env: null for an endpoint without a key"
+            )
+
+
+def check_failed_rows(cfg: GenerateConfig, attempt: dict) -> None:
+    """Raise RowsFailed when the run's failed rows (after this attempt) exceed `max_failed_rows`."""
+    allowed = failed_rows_allowed(cfg.max_failed_rows, attempt["run_rows"])
+    if attempt["errors"] > allowed:
+        raise RowsFailed(
+            f"{cfg.output}: {attempt['errors']} of {attempt['run_rows']} rows failed, more than max_failed_rows "
+            f"({cfg.max_failed_rows}) allows; the rows are written with their error: run the same config again "
+            "to retry them"
+        )
+
+
 def run_generate(cfg: GenerateConfig) -> dict:
-    """Run (or resume) the config's generation; returns this attempt's summary."""
+    """Run (or resume) the config's generation; returns this attempt's summary.
+
+    Checked before Ray starts and before anything is written: the output is not a file, every
+    `api_key_env` is set, the output holds no other run, the task data reads.
+    """
+    check_output(cfg.output)
+    check_api_keys({role: getattr(cfg, role) for role in ("decomposer", "solver")})
     store = RunStore(cfg.output)
     meta = store.read_meta() if store.exists() else {"identity": run_identity(cfg), "attempts": []}
     if meta["identity"] != run_identity(cfg):
@@ -137,9 +180,12 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "rows": progress.done,
         "errors": progress.errors,
         "elapsed_s": round(progress.elapsed_s, 3),
+        "run_rows": len(rows),
     }
     meta["attempts"].append(attempt)
     store.write_meta(meta)
+    print(f"[generate] finished: {progress.done} rows run ({progress.errors} failed), {len(rows) - len(todo)} done "
+          f"earlier, {len(rows)} in the run, {progress.elapsed_s:.1f}s -> {cfg.output}", flush=True)
     return attempt
 
 

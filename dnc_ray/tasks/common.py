@@ -25,12 +25,18 @@ def read_records(path: str | Path) -> Iterator[tuple[int, str, dict]]:
     `path` is a local path or a storage URI (infra/storage.py): hf://datasets/<org>/<name>/<file>
     (Hugging Face, where there is network), s3://, gs://, file://.
     """
+    found = False
     if str(path).endswith(".parquet"):
         for number, record in enumerate(_parquet_records(path), start=1):
+            found = True
             yield number, f"{path} row {number}", record
     else:
         for number, record in read_jsonl(path):
+            found = True
             yield number, f"{path} line {number}", record
+    if not found:  # a run over no question would "succeed" with 0 rows
+        kind = "no rows" if str(path).endswith(".parquet") else "no records (the file is empty or holds only blank lines)"
+        raise TaskError(f"{path}: {kind}")
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:

@@ -161,7 +161,7 @@ def test_official_openai_client(tiny):
     reply = client.chat.completions.create(model="solver", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert isinstance(reply.choices[0].message.content, str) and 0 < reply.usage.completion_tokens <= 4
     assert [m.id for m in client.models.list()] == list(MODELS)
-    with pytest.raises(openai.NotFoundError, match="model 'gpt-5' does not exist"):
+    with pytest.raises(openai.NotFoundError, match="the model does not exist on this route"):
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "Hi"}])
 
 
@@ -174,9 +174,11 @@ def test_bad_requests_get_4xx_with_a_message(tiny):
     assert status == 422 and body["error"]["message"] == "invalid request: question: Field required"
     status, body = call(url, {"question": "?", "strategy": "self-ask-twice"})
     assert status == 422 and "strategy" in body["error"]["message"]
-    assert call(url, {"question": "x" * 5000}) == (413, "Content Too Large")
+    status, body = call(url, {"question": "x" * 5000})
+    assert status == 413 and body["error"] == {"message": "request body over max_body_bytes (4096)",
+                                               "type": "request_too_large", "param": None, "code": None}
     status, body = call(f"{tiny}/v1/chat/completions", {"model": "gpt-5", "messages": [{"role": "user", "content": "Hi"}]})
-    assert status == 404 and body["error"]["type"] == "not_found_error" and "'gpt-5'" in body["error"]["message"]
+    assert status == 404 and body["error"]["type"] == "not_found_error" and "gpt-5" not in body["error"]["message"]
     status, body = call(f"{tiny}/v1/chat/completions", {"model": "solver", "messages": []})
     assert status == 422 and "messages" in body["error"]["message"]
     status, body = call(f"{tiny}/v1/chat/completions", {"model": "pipeline", "messages": [{"role": "system", "content": "x"}]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +18,15 @@ class Completion:
     completion_tokens: int = 0
     latency_s: float = 0.0
     error: str | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed answer: the text new since the last chunk; the last chunk (text "")
+    carries the whole answer as a Completion, usage or error included."""
+
+    text: str
+    completion: Completion | None = None
 
 
 @dataclass(frozen=True)
@@ -38,3 +48,7 @@ class Engine(Protocol):
     name: str  # the model reference written into the `decomposer` / `solver` columns
 
     async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]: ...
+
+    def astream(self, chat: Messages, params: SamplingParams) -> AsyncIterator[Chunk]:
+        """One chat's answer as it is generated; the concatenated texts equal the final Completion's."""
+        ...

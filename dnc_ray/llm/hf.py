@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import AsyncIterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from dnc_ray.config import HFModel
-from dnc_ray.llm.engine import Completion, Messages, SamplingParams
+from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
+from dnc_ray.llm.hf_streaming import stream_batch
 from dnc_ray.llm.models import resolve_model
 
 
@@ -34,8 +38,17 @@ class HFEngine:
             out += self._generate_batch(chats[start : start + self.batch_size], params)
         return out
 
+    async def astream(self, chat: Messages, params: SamplingParams) -> AsyncIterator[Chunk]:
+        """One chat streamed (a batch of one; Serve's LocalModel streams whole batches)."""
+        async for _, chunk in stream_batch(self, [chat], params, [threading.Event()]):
+            yield chunk
+
     @torch.inference_mode()
-    def _generate_batch(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(
+        self, chats: list[Messages], params: SamplingParams, streamer: BaseStreamer | None = None,
+        stopping: StoppingCriteriaList | None = None,
+    ) -> list[Completion]:
+        """One padded batch; a streamer sees each step's tokens, extra stopping criteria may end rows early."""
         started = time.perf_counter()
         inputs = self.tokenizer.apply_chat_template(
             chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
@@ -50,6 +63,8 @@ class HFEngine:
             pad_token_id=self.tokenizer.pad_token_id,
             top_p=None,
             top_k=None,
+            streamer=streamer,
+            stopping_criteria=stopping,
             **sampling,
             **stops,
         )[:, inputs["input_ids"].shape[1] :]
@@ -57,7 +72,7 @@ class HFEngine:
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         return [
             Completion(
-                text=_cut_at_stop(self.tokenizer.decode(tokens[:n], skip_special_tokens=True), params.stop),
+                text=cut_at_stop(self.tokenizer.decode(tokens[:n], skip_special_tokens=True), params.stop),
                 prompt_tokens=p,
                 completion_tokens=n,
                 latency_s=latency,
@@ -82,7 +97,7 @@ class HFEngine:
         return first + 1
 
 
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """Drop the stop string and what follows, as OpenAI-compatible servers do."""
     cuts = [text.index(s) for s in stop if s in text]
     return (text[: min(cuts)] if cuts else text).strip()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 
 import openai
 
 from dnc_ray.config import OpenAIModel
-from dnc_ray.llm.engine import Completion, Messages, SamplingParams
+from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
 
 _MAX_ERROR_CHARS = 300
 
@@ -43,12 +44,44 @@ class OpenAIEngine:
 
     async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
         client, slots = self._client()
+        kwargs = self._request(params)
+        return list(await asyncio.gather(*(self._one(client, slots, chat, kwargs) for chat in chats)))
+
+    async def astream(self, chat: Messages, params: SamplingParams) -> AsyncIterator[Chunk]:
+        """The upstream's own stream relayed (`stream: true`, usage in its last event)."""
+        client, slots = self._client()
+        async with slots:
+            start, parts, usage, stream = time.perf_counter(), [], None, None
+            try:
+                stream = await client.chat.completions.create(
+                    messages=chat, stream=True, stream_options={"include_usage": True}, **self._request(params)
+                )
+                async for event in stream:
+                    usage = event.usage or usage
+                    delta = event.choices[0].delta.content if event.choices and event.choices[0].delta else None
+                    if delta:
+                        parts.append(delta)
+                        yield Chunk(delta)
+            except openai.APIError as e:
+                yield Chunk("", Completion(text=None, latency_s=time.perf_counter() - start, error=self._describe(e)))
+                return
+            finally:
+                if stream is not None:
+                    await stream.close()  # a consumer that stops early closes the upstream connection
+        yield Chunk("", Completion(
+            text="".join(parts),
+            prompt_tokens=getattr(usage, "prompt_tokens", None) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", None) or 0,
+            latency_s=time.perf_counter() - start,
+        ))
+
+    def _request(self, params: SamplingParams) -> dict:
         kwargs: dict = {"model": self.cfg.model, "temperature": params.temperature, "max_tokens": params.max_tokens}
         if params.stop:
             kwargs["stop"] = list(params.stop)
         if params.seed is not None:
             kwargs["seed"] = params.seed
-        return list(await asyncio.gather(*(self._one(client, slots, chat, kwargs) for chat in chats)))
+        return kwargs
 
     async def _one(self, client: openai.AsyncOpenAI, slots: asyncio.Semaphore, chat: Messages, kwargs: dict) -> Completion:
         async with slots:

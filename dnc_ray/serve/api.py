@@ -1,55 +1,75 @@
 """The HTTP face of the ingress: routes, bearer-token auth, a body size limit, OpenAI-style errors.
 
-    POST /v1/solve             {question, context?, task?, strategy} -> answer, sub-questions, usage, cost
-    POST /v1/chat/completions  OpenAI-compatible; models "decomposer", "solver", "pipeline"
+    POST /v1/solve             {question, context?, task?, strategy, stream?} -> answer, sub-questions, usage, cost
+    POST /v1/chat/completions  OpenAI-compatible; models "decomposer", "solver", "pipeline"; stream, n
+    POST /v1/completions       OpenAI-compatible; models "decomposer", "solver"; stream, n
     GET  /v1/models            the three models
     GET  /healthz              no auth, for load balancers and probes
+
+Auth and the body limit are checked first, before the body is parsed (`Guard`): with auth on, every
+route but /healthz needs the token, /docs and /openapi.json included. Error bodies never repeat what
+the request sent.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import os
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from dnc_ray.config import ServeAppConfig
 from dnc_ray.serve.schema import (
     ChatRequest,
-    ChatResponse,
+    CompletionRequest,
     ModelList,
     SolveRequest,
-    SolveResponse,
+    unsupported_fields,
 )
 
 if TYPE_CHECKING:
     from dnc_ray.serve.app import Ingress
 
-_BEARER = HTTPBearer(auto_error=False)
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 502: "upstream_error", 504: "timeout_error"}
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+                502: "upstream_error", 504: "timeout_error"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_api(graph: Ingress, cfg: ServeAppConfig) -> FastAPI:
-    """A FastAPI app whose routes call the ingress's pipeline methods."""
-    api = FastAPI(title="dnc_ray", max_body_size=cfg.max_body_bytes)
+    """A FastAPI app whose routes call the ingress's methods."""
+    api = FastAPI(title="dnc_ray")
+    api.add_middleware(Guard, token=_token(cfg.auth_token_env), max_body_bytes=cfg.max_body_bytes)
     api.add_exception_handler(HTTPException, _http_error)
     api.add_exception_handler(RequestValidationError, _invalid_request)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_auth(cfg.auth_token_env))] if cfg.auth_token_env else [])
 
-    @v1.post("/solve")
-    async def solve(request: SolveRequest) -> SolveResponse:
+    @api.post("/v1/solve")
+    async def solve(request: SolveRequest):
+        _refuse_unsupported(request)
+        if request.stream:
+            return sse(graph.solve_events(request))
         return await graph.solve(request)
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: ChatRequest) -> ChatResponse:
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest):
+        _refuse_unsupported(request)
+        if request.stream:
+            return sse(await graph.chat_stream(request))
         return await graph.chat(request)
 
-    @v1.get("/models")
+    @api.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        _refuse_unsupported(request)
+        if request.stream:
+            return sse(await graph.completion_stream(request))
+        return await graph.completion(request)
+
+    @api.get("/v1/models")
     def models() -> ModelList:
         return graph.models()
 
@@ -57,28 +77,86 @@ def build_api(graph: Ingress, cfg: ServeAppConfig) -> FastAPI:
     def healthz() -> dict:
         return {"status": "ok"}
 
-    api.include_router(v1)
     return api
 
 
-def _bearer_auth(env_name: str):
-    """A dependency that accepts only `Authorization: Bearer <the token in $env_name>`."""
-    token = os.environ.get(env_name, "")
-    if not token:
-        raise RuntimeError(f"auth_token_env names {env_name}, but that environment variable is not set")
+def sse(events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events; each item of `events` is one whole event ("data: ...\\n\\n")."""
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    return check
+def sse_data(payload: dict | str, event: str | None = None) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     """An OpenAI-style error body, so OpenAI clients surface the message."""
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware: the bearer token (when auth is on) and the body size, before anything else."""
+
+    def __init__(self, app, token: str | None, max_body_bytes: int):
+        self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].endswith("/healthz"):
+            return await self.app(scope, receive, send)
+        if self.token is not None and not self._authorized(scope):
+            response = error_response(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        body, more = [], True
+        while more:  # read the whole (small) body first: a too-large one gets a JSON 413, never parsed
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.max_body_bytes:
+                return await error_response(413, f"request body over max_body_bytes ({self.max_body_bytes})")(
+                    scope, receive, send)
+        return await self.app(scope, _replay(b"".join(body), receive), send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, credentials = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self.token.encode())
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands over the buffered body once, then waits on the real one (disconnects)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _token(env_name: str | None) -> str | None:
+    if env_name is None:
+        return None
+    token = os.environ.get(env_name, "")
+    if not token:
+        raise RuntimeError(f"auth_token_env names {env_name}, but that environment variable is not set")
+    return token
+
+
+def _refuse_unsupported(request) -> None:
+    why = unsupported_fields(request.model_extra)
+    if why is not None:
+        raise HTTPException(400, why)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -86,9 +164,9 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """400 for a body that is not JSON, 422 for JSON that breaks the schema; never echoes the input."""
+    """400 for a body that is not JSON, 422 for JSON that breaks the schema; names fields, never values."""
     errors = exc.errors()
     if any(e["type"] == "json_invalid" for e in errors):
         return error_response(400, "the request body is not valid JSON")
-    fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+    fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:5])
     return error_response(422, f"invalid request: {fields}")

@@ -1,18 +1,23 @@
-"""The two model deployments behind the ingress: one `complete(chat, params) -> Completion` each.
+"""The two model deployments behind the ingress: `complete(chat, params) -> Completion` and
+`stream(chat, params) -> Chunk...` each.
 
-A local model batches concurrent requests into one `generate` call (`@serve.batch`); an upstream
+A local model batches concurrent requests into one `generate` call (`@serve.batch`; streaming
+requests are batched with each other, one streamer per request in the batch); an upstream
 OpenAI-compatible endpoint takes each request as it comes, many in flight, and batches on its side.
 Serve exports the batch sizes it forms as the `ray_serve_actual_batch_size` histogram.
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
+from collections.abc import AsyncIterator
 
 from ray import serve
 
 from dnc_ray.config import HFModel, OpenAIModel
 from dnc_ray.llm import Completion, Messages, SamplingParams, make_engine
+from dnc_ray.llm.engine import Chunk
+from dnc_ray.llm.hf_streaming import stream_batch
 from dnc_ray.llm.openai import OpenAIEngine
 
 
@@ -22,18 +27,58 @@ class LocalModel:
 
     def __init__(self, model: HFModel, batch_wait_timeout_s: float):
         self.engine = make_engine(model)  # imports torch in this replica only
-        self.complete.set_max_batch_size(model.batch_size)
-        self.complete.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.generating = 0  # requests whose batch is still generating (streams)
+        for batched in (self.complete, self._stream_batch):
+            batched.set_max_batch_size(model.batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch
     async def complete(self, chats: list[Messages], params: list[SamplingParams]) -> list[Completion]:
         out: list[Completion | None] = [None] * len(chats)
         for same in dict.fromkeys(params):  # one generate call per distinct sampling setting
             picked = [i for i, p in enumerate(params) if p == same]
-            done = await asyncio.to_thread(self.engine.generate, [chats[i] for i in picked], same)
-            for i, completion in zip(picked, done):
+            done = await self.engine.agenerate([chats[i] for i in picked], same)
+            for i, completion in zip(picked, done, strict=True):
                 out[i] = completion
         return out
+
+    async def stream(self, chat: Messages, params: SamplingParams) -> AsyncIterator[Chunk]:
+        """The answer as it is generated; a caller that goes away stops its row of the batch."""
+        cancelled = threading.Event()
+        try:
+            async for chunks in self._stream_batch(chat, params, cancelled):
+                for chunk in chunks:
+                    yield chunk
+        finally:
+            cancelled.set()
+
+    def in_flight(self) -> int:
+        """Streaming requests whose generation has not ended (a cancelled stream ends its row early)."""
+        return self.generating
+
+    @serve.batch()  # parametrised: Ray's bare-decorator check rejects async generators, the batcher supports them
+    async def _stream_batch(self, chats: list[Messages], params: list[SamplingParams],
+                            cancelled: list[threading.Event]) -> AsyncIterator[list]:
+        """Per step, each request's new chunks ([] when none); StopIteration once its answer is whole."""
+        pending: list[list[Chunk] | type[StopIteration]] = [[] for _ in chats]
+        self.generating += len(chats)
+        try:
+            for same in dict.fromkeys(params):  # one streamed generate per distinct sampling setting
+                picked = [i for i, p in enumerate(params) if p == same]
+                async for j, chunk in stream_batch(self.engine, [chats[i] for i in picked], same, [cancelled[i] for i in picked]):
+                    pending[picked[j]].append(chunk)
+                    yield [_take(pending, i) for i in range(len(chats))]
+                    if chunk.completion is not None:
+                        pending[picked[j]] = StopIteration
+        finally:
+            self.generating -= len(chats)
+
+
+def _take(pending: list, i: int) -> list[Chunk] | type[StopIteration]:
+    taken = pending[i]
+    if taken is not StopIteration:
+        pending[i] = []
+    return taken
 
 
 @serve.deployment
@@ -45,3 +90,10 @@ class RemoteModel:
 
     async def complete(self, chat: Messages, params: SamplingParams) -> Completion:
         return (await self.engine.agenerate([chat], params))[0]
+
+    async def stream(self, chat: Messages, params: SamplingParams) -> AsyncIterator[Chunk]:
+        """The upstream's stream relayed; closing it closes the upstream request."""
+        async for chunk in self.engine.astream(chat, params):
+            yield chunk
+
+

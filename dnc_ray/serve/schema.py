@@ -1,8 +1,13 @@
-"""The HTTP API's request and response bodies: `/v1/solve` and the OpenAI-compatible subset."""
+"""The HTTP API's request and response bodies: `/v1/solve` and the OpenAI-compatible subset.
+
+A request field the server does not honour is refused (400, naming the field) rather than ignored:
+`HONOURED` lists what each route reads; `unsupported_fields` finds the rest. OpenAI fields the
+server does not implement are named in the refusal; other unknown fields are counted, not repeated.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -10,14 +15,40 @@ from dnc_ray.tasks import TASKS
 
 MODELS = ("decomposer", "solver", "pipeline")
 
+# OpenAI request fields this server does not implement; accepted only at their neutral value.
+NOT_IMPLEMENTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None,), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "top_p": (None, 1, 1.0), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "reasoning_effort": (None,), "service_tier": (None, "auto", "default"),
+    "store": (None, False), "metadata": (None, {}), "web_search_options": (None,), "suffix": (None, ""),
+    "echo": (None, False), "best_of": (None, 1),
+}
 
-class SolveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
+def unsupported_fields(extra: dict[str, Any] | None) -> str | None:
+    """Why the request's extra fields are refused (None when every one is a neutral OpenAI default)."""
+    extra = extra or {}
+    named = sorted(k for k, v in extra.items() if k in NOT_IMPLEMENTED and v not in NOT_IMPLEMENTED[k])
+    unknown = sum(k not in NOT_IMPLEMENTED for k in extra)
+    if named:
+        return f"field `{named[0]}` is not supported by this server (see the honoured fields in the README)"
+    if unknown:
+        return f"the request has {unknown} unknown field{'s' * (unknown > 1)} (see the honoured fields in the README)"
+    return None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are refused by unsupported_fields with a 400
+
+
+class SolveRequest(_Request):
     question: str = Field(min_length=1)
     context: str | None = Field(None, description="a passage the question is about (DROP-like tasks)")
     task: str | None = Field(None, description="a task's prompt rules (bamboogle: bare direct prompt, 2 sub-questions)")
     strategy: Literal["two_stage", "direct", "self_ask"] = "two_stage"
+    stream: bool = Field(False, description="server-sent events: decomposition, subquestion, token, answer")
 
     @field_validator("task")
     @classmethod
@@ -52,17 +83,33 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    """The fields of an OpenAI chat completion request that the server honours; others are ignored."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """The sampling fields both completion routes honour."""
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0, description="the newer name of max_tokens")
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: Literal[1] = 1
-    stream: Literal[False] = False
+    n: int = Field(1, ge=1, le=16, description="samples per prompt; > 1 needs temperature > 0")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and not used")
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="each prompt is sent as one user message through the chat template")
 
 
 class Usage(BaseModel):
@@ -86,6 +133,22 @@ class ChatResponse(BaseModel):
     usage: Usage
 
 
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -97,3 +160,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+HONOURED = {
+    "/v1/solve": sorted(SolveRequest.model_fields),
+    "/v1/chat/completions": sorted(ChatRequest.model_fields),
+    "/v1/completions": sorted(CompletionRequest.model_fields),
+}

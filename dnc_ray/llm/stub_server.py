@@ -3,6 +3,7 @@
     with StubServer(reply=lambda messages: "The answer is: 7", latency_s=0.1) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x")
 
+A request with `stream: true` gets the same answer as OpenAI stream chunks, one per word.
 `fail(request_index, messages)` may return an HTTP status (429, 500, ...) to fail that request with
 an OpenAI-style error body, or `GARBAGE` to answer 200 with JSON that has no choices.
 Run it standalone for dry runs and benchmarks:
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
 import socket
 import threading
 import time
@@ -24,7 +27,7 @@ from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from dnc_ray.method.prompts import FOLLOW_UP_INSTRUCTION, SELF_ASK_INSTRUCTION
 
@@ -115,7 +118,11 @@ class StubServer:
             try:
                 if self.latency_s > 0:
                     await asyncio.sleep(self.latency_s)
-                return self._answer(index, messages, body.get("model", self.model))
+                answer = self._answer(index, messages, body.get("model", self.model))
+                if body.get("stream") and isinstance(answer, dict) and "choices" in answer:
+                    usage = (body.get("stream_options") or {}).get("include_usage", False)
+                    return StreamingResponse(_chunks(answer, usage), media_type="text/event-stream")
+                return answer
             finally:
                 with self._lock:
                     self._in_flight -= 1
@@ -182,6 +189,22 @@ class StubServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _chunks(answer: dict, include_usage: bool):
+    """A whole answer as OpenAI stream chunks: the role, one chunk per word, the finish, the usage."""
+    head = {k: answer[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return f"data: {json.dumps(head | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    for word in re.findall(r"\s*\S+", answer["choices"][0]["message"]["content"]):
+        yield chunk({"content": word})
+    yield chunk({}, "stop")
+    if include_usage:
+        yield f"data: {json.dumps(head | {'choices': [], 'usage': answer['usage']})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,7 +53,11 @@ class OpenAIModel(_ModelBase):
     )
     max_in_flight: int = Field(64, gt=0, description="concurrent requests per actor")
     request_timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(5, ge=0, description="retries on 429/5xx/timeouts, exponential backoff")
+    max_retries: int = Field(5, ge=0, description="retries on 408/409/429/5xx, timeouts, dropped connections and "
+                             "unusable 200 replies, exponential backoff; a connection that cannot be made is not retried")
+    breaker_failures: int = Field(3, ge=0, description="connection failures in a row (refused, unreachable) that "
+                                  "open the circuit: calls then fail at once; 0 turns the breaker off")
+    breaker_open_s: float = Field(10.0, gt=0, description="seconds an open circuit fails calls before one is tried")
     batch_size: int = Field(256, gt=0)
     num_cpus: float = Field(0.25, ge=0)
 

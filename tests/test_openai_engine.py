@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from dnc_ray.config import OpenAIModel
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.openai import OpenAIEngine
-from dnc_ray.llm.stub_server import GARBAGE, StubServer
+from dnc_ray.llm.stub_server import GARBAGE, GARBAGE_TEXT, RESET, StubServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,3 +139,74 @@ def test_official_sync_client_talks_to_stub():
     assert response.choices[0].message.content == "hello there"
     assert response.choices[0].finish_reason == "stop"
     assert response.usage.prompt_tokens == 3 and response.usage.completion_tokens == 2
+
+
+# ---------------------------------------------------------------- unusable 200 replies are retried (issue 12, item 10)
+
+
+@pytest.mark.parametrize("fault", [GARBAGE, GARBAGE_TEXT, RESET])
+def test_an_unusable_reply_is_retried_like_a_5xx(fault):
+    with StubServer(fail=lambda i, m: fault if i < 2 else None) as server:
+        out = run(make_engine(server, max_retries=3), [chat("flaky")])
+        assert len(server.requests) == 3
+    assert out[0].error is None and out[0].text == "The answer is: 42"
+
+
+def test_an_unusable_reply_fails_the_chat_after_max_retries():
+    with StubServer(fail=lambda i, m: GARBAGE_TEXT) as server:
+        out = run(make_engine(server, max_retries=2), [chat("always garbage")])
+        assert len(server.requests) == 3
+    assert out[0].text is None and out[0].error == "MalformedResponse: response body is not JSON (Expecting value)"
+
+
+def test_retry_after_is_honoured():
+    with StubServer(fail=lambda i, m: 429 if i == 0 else None, retry_after_s=1.5) as server:
+        start = time.monotonic()
+        out = run(make_engine(server, max_retries=1), [chat("wait for me")])
+        assert time.monotonic() - start >= 1.5 and len(server.requests) == 2  # the backoff alone would be <= 0.5 s
+    assert out[0].error is None
+
+
+def test_a_client_error_is_not_retried():
+    with StubServer(fail=lambda i, m: 400) as server:
+        out = run(make_engine(server, max_retries=3), [chat("bad request")])
+        assert len(server.requests) == 1
+    assert out[0].error.startswith("BadRequestError:")
+
+
+# ---------------------------------------------------------------- upstream down: fail fast (issue 12, item 13)
+
+
+def test_a_refused_connection_fails_at_once_whatever_max_retries():
+    with StubServer() as server:
+        base_url = server.base_url  # nobody listens there once the server stopped
+    engine = OpenAIEngine(OpenAIModel(engine="openai", model="m", base_url=base_url, api_key_env=None, max_retries=5))
+    start = time.monotonic()
+    out = run(engine, [chat("anyone?")])
+    assert time.monotonic() - start < 2.0  # the client's own retries took ~14 s here
+    assert out[0].error.startswith("APIConnectionError:")
+
+
+def test_the_breaker_opens_after_connection_failures_then_a_probe_closes_it():
+    with StubServer() as server:
+        port = server.port
+    engine = OpenAIEngine(OpenAIModel(engine="openai", model="stub-teacher", base_url=f"http://127.0.0.1:{port}/v1",
+                                      api_key_env=None, breaker_failures=2, breaker_open_s=1.0))
+
+    async def scenario():
+        try:
+            down = [(await engine.agenerate([chat(str(i))], PARAMS))[0].error for i in range(4)]
+            with StubServer(port=port) as server:  # the upstream is back, the circuit still open
+                still_open = (await engine.agenerate([chat("early")], PARAMS))[0].error
+                await asyncio.sleep(1.0)
+                probe = (await engine.agenerate([chat("probe")], PARAMS))[0]
+                after = await engine.agenerate([chat("a"), chat("b")], PARAMS)
+                return down, still_open, probe, after, len(server.requests)
+        finally:
+            await engine.aclose()
+
+    down, still_open, probe, after, requests = asyncio.run(scenario())
+    assert [e.split(":")[0] for e in down] == ["APIConnectionError", "APIConnectionError", "CircuitOpen", "CircuitOpen"]
+    assert still_open.startswith("CircuitOpen: the upstream could not be reached (2 connection failures in a row)")
+    assert probe.error is None and all(c.error is None for c in after)
+    assert requests == 3  # the probe and the two after it: an open circuit sends nothing

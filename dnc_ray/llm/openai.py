@@ -1,14 +1,24 @@
 """An `Engine` over any OpenAI-compatible endpoint (OpenAI, vLLM, Ray Serve LLM, the stub server).
 
-Retries are the official client's own: on connection errors, timeouts, 408, 409, 429 and every 5xx
-it retries up to `max_retries` times, sleeping min(0.5 * 2**n, 8) s times a 0.75-1 jitter, or the
-server's `retry-after(-ms)` when that is at most 2 minutes.
+Retries (`agenerate`), the official client's policy made our own so that it also covers replies the
+client accepts but we cannot use: on 408, 409, 429, every 5xx, timeouts, a connection dropped
+mid-reply, and a 200 whose body is not JSON or has no choices, a request is retried up to
+`max_retries` times, sleeping min(0.5 * 2**n, 8) s times a 0.75-1 jitter, or the server's
+`retry-after(-ms)` when that is at most 2 minutes. Other 4xx are not retried.
+
+Fail fast when the upstream is down: a request that cannot connect (refused, unreachable, connect
+timeout) is not retried, and a circuit breaker per engine (so per Ray actor or Serve replica)
+opens after `breaker_failures` such failures in a row: every call then fails at once, without
+touching the network, until `breaker_open_s` has passed; then one call is let through (half-open):
+a reply closes the circuit, another connection failure opens it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -21,7 +31,48 @@ _MAX_ERROR_CHARS = 300
 
 
 class MalformedResponse(ValueError):
-    """A 200 answer without choices or message content."""
+    """A 200 answer that is not JSON, or has no choices or message content."""
+
+
+class CircuitOpen(Exception):
+    """The upstream could not be reached by the last calls: this one fails without trying."""
+
+
+_RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx, as the official client
+_RETRY_AFTER_MAX_S = 120.0  # as the official client
+
+
+def _connect_failure(e: BaseException) -> bool:
+    """The request never reached the upstream: refused, no route, DNS, connect timeout."""
+    names = {c.__name__ for c in type(e.__cause__).__mro__} if e.__cause__ is not None else set()
+    return isinstance(e, openai.APIConnectionError) and bool(names & {"ConnectError", "ConnectTimeout"})
+
+
+class Breaker:
+    """Closed -> open after `failures` connection failures in a row -> half-open after `open_s` (one probe)."""
+
+    def __init__(self, failures: int, open_s: float):
+        self.failures, self.open_s = failures, open_s
+        self.in_a_row = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    def allow(self) -> bool:
+        if self.failures == 0 or self.opened_at is None:
+            return True
+        if not self.probing and time.monotonic() - self.opened_at >= self.open_s:
+            self.probing = True  # half-open: this call is the probe, the others still fail at once
+            return True
+        return False
+
+    def reached(self) -> None:
+        """The upstream answered (whatever the answer): the circuit closes."""
+        self.in_a_row, self.opened_at, self.probing = 0, None, False
+
+    def unreachable(self) -> None:
+        self.in_a_row += 1
+        if self.failures and (self.probing or self.in_a_row >= self.failures):
+            self.opened_at, self.probing = time.monotonic(), False
 
 
 class OpenAIEngine:
@@ -39,8 +90,10 @@ class OpenAIEngine:
                     f"environment variable {cfg.api_key_env} (api_key_env of model {cfg.model}) is not set: "
                     "export it with the API key, or set api_key_env: null for an endpoint without a key"
                 )
+        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_open_s)
         # Nothing is opened here: the client starts on first use, on the loop that uses it.
-        self._bound: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI, asyncio.Semaphore] | None = None
+        # (loop, client, request slots, the client without retries of its own)
+        self._bound: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI, asyncio.Semaphore, openai.AsyncOpenAI] | None = None
 
     async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
         client, slots = self._client()
@@ -84,17 +137,24 @@ class OpenAIEngine:
         return kwargs
 
     async def _one(self, client: openai.AsyncOpenAI, slots: asyncio.Semaphore, chat: Messages, kwargs: dict) -> Completion:
+        client = self._bound[3]  # the same connections, no retries of the client's own: ours below
         async with slots:
             start = time.perf_counter()
-            try:
-                response = await client.chat.completions.create(messages=chat, **kwargs)
-                latency = time.perf_counter() - start
-                choices = getattr(response, "choices", None)
-                text = choices[0].message.content if choices and choices[0].message else None
-                if not isinstance(text, str):
-                    raise MalformedResponse("response has no choices or message content")
-            except (openai.APIError, MalformedResponse) as e:  # the endpoint failed this chat: the batch goes on
-                return Completion(text=None, latency_s=time.perf_counter() - start, error=self._describe(e))
+            for retry in range(self.cfg.max_retries + 1):
+                if not self.breaker.allow():
+                    error = (f"CircuitOpen: the upstream could not be reached ({self.breaker.in_a_row} connection "
+                             f"failures in a row); calls fail at once for {self.cfg.breaker_open_s:g}s, then one is tried")
+                    return Completion(text=None, latency_s=time.perf_counter() - start, error=error)
+                try:
+                    response = await self._create(client, chat, kwargs)
+                    break
+                except (openai.APIError, MalformedResponse) as e:  # the endpoint failed this chat: the batch goes on
+                    delay = self._retry_delay(e, retry)
+                    if delay is None:
+                        return Completion(text=None, latency_s=time.perf_counter() - start, error=self._describe(e))
+                    await asyncio.sleep(delay)
+            latency = time.perf_counter() - start
+        text = response.choices[0].message.content
         usage = getattr(response, "usage", None)
         return Completion(
             text=text,
@@ -102,6 +162,44 @@ class OpenAIEngine:
             completion_tokens=getattr(usage, "completion_tokens", None) or 0,
             latency_s=latency,
         )
+
+    async def _create(self, client: openai.AsyncOpenAI, chat: Messages, kwargs: dict):
+        """One request; raises MalformedResponse for a 200 we cannot use, and tells the breaker how it went."""
+        try:
+            response = await client.chat.completions.create(messages=chat, **kwargs)
+        except openai.APIError as e:
+            if _connect_failure(e):
+                self.breaker.unreachable()
+            elif not isinstance(e, openai.APITimeoutError):
+                self.breaker.reached()
+            raise
+        except json.JSONDecodeError as e:  # a 200 labelled JSON that is not
+            self.breaker.reached()
+            raise MalformedResponse(f"response body is not JSON ({e.msg})") from None
+        self.breaker.reached()
+        choices = getattr(response, "choices", None)
+        message = choices[0].message if isinstance(choices, list) and choices else None
+        if not isinstance(getattr(message, "content", None), str):
+            raise MalformedResponse("response has no choices or message content")
+        return response
+
+    def _retry_delay(self, e: Exception, retry: int) -> float | None:
+        """Seconds to wait before retrying `e`, or None when it is not retried (or no retry is left)."""
+        if retry >= self.cfg.max_retries or _connect_failure(e):
+            return None
+        if isinstance(e, openai.APIStatusError):
+            should = e.response.headers.get("x-should-retry")
+            if should in ("true", "false"):
+                if should == "false":
+                    return None
+            elif e.status_code not in _RETRY_STATUSES and e.status_code < 500:
+                return None
+            after = _retry_after_s(e.response.headers)
+            if after is not None:
+                return after
+        elif not isinstance(e, (openai.APIConnectionError, MalformedResponse)):
+            return None  # e.g. a reply that does not fit the schema: not a transient failure
+        return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * random.random())
 
     def _describe(self, e: Exception) -> str:
         message = " ".join(str(e).split()) or repr(e)
@@ -121,7 +219,7 @@ class OpenAIEngine:
                 timeout=self.cfg.request_timeout_s,
                 max_retries=self.cfg.max_retries,
             )
-            self._bound = (loop, client, asyncio.Semaphore(self.cfg.max_in_flight))
+            self._bound = (loop, client, asyncio.Semaphore(self.cfg.max_in_flight), client.with_options(max_retries=0))
         return self._bound[1], self._bound[2]
 
     async def aclose(self) -> None:
@@ -129,3 +227,15 @@ class OpenAIEngine:
         bound, self._bound = self._bound, None
         if bound is not None:
             await bound[1].close()
+
+
+def _retry_after_s(headers) -> float | None:
+    """The server's retry-after-ms / retry-after (seconds) when it is in (0, 120] s."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers.get(name, "")) / scale
+        except ValueError:
+            continue
+        if 0 < seconds <= _RETRY_AFTER_MAX_S:
+            return seconds
+    return None

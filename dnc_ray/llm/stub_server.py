@@ -5,7 +5,9 @@
 
 A request with `stream: true` gets the same answer as OpenAI stream chunks, one per word.
 `fail(request_index, messages)` may return an HTTP status (429, 500, ...) to fail that request with
-an OpenAI-style error body, or `GARBAGE` to answer 200 with JSON that has no choices.
+an OpenAI-style error body (with a `retry-after` header when `retry_after_s` is set), `GARBAGE` to
+answer 200 with JSON that has no choices, `GARBAGE_TEXT` to answer 200 with a body that is not JSON,
+or `RESET` to drop the connection in the middle of the reply.
 Run it standalone for dry runs and benchmarks:
 
     python -m dnc_ray.llm.stub_server --port 8001 --latency-s 0.2
@@ -27,11 +29,13 @@ from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dnc_ray.method.prompts import FOLLOW_UP_INSTRUCTION, SELF_ASK_INSTRUCTION
 
 GARBAGE = "garbage"
+GARBAGE_TEXT = "garbage-text"
+RESET = "reset"
 
 Reply = Callable[[list[dict]], str]
 Fail = Callable[[int, list[dict]], "int | str | None"]
@@ -82,6 +86,7 @@ class StubServer:
     model: str = "stub-teacher"
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
+    retry_after_s: float | None = None  # sent as `retry-after` with every error status
 
     requests: list[list[dict]] = field(default_factory=list, init=False)
     headers: dict[str, str] = field(default_factory=dict, init=False)
@@ -134,9 +139,14 @@ class StubServer:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()), "model": model}
         if outcome == GARBAGE:
             return head
+        if outcome == GARBAGE_TEXT:
+            return Response("<html>502 Bad Gateway</html>", media_type="application/json")
+        if outcome == RESET:
+            return StreamingResponse(_drop_mid_reply(), media_type="application/json")
         if outcome is not None:
             error = {"message": f"stub failure {outcome} for request {index}", "type": "stub_error", "param": None, "code": str(outcome)}
-            return JSONResponse({"error": error}, status_code=int(outcome))
+            headers = {"retry-after": f"{self.retry_after_s:g}"} if self.retry_after_s is not None else None
+            return JSONResponse({"error": error}, status_code=int(outcome), headers=headers)
         text = self.reply(messages)
         prompt_tokens = sum(_words(m.get("content")) for m in messages)
         completion_tokens = _words(text)
@@ -205,6 +215,12 @@ def _chunks(answer: dict, include_usage: bool):
     if include_usage:
         yield f"data: {json.dumps(head | {'choices': [], 'usage': answer['usage']})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def _drop_mid_reply():
+    """The start of a reply, then the server drops the connection (the client sees it cut mid-body)."""
+    yield b'{"id": "chatcmpl-'
+    raise ConnectionResetError("stub: connection dropped mid-reply")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,31 +41,43 @@ SIZES = {
 }
 BATCHING = {"batch_on": 8, "batch_off": 1}
 
-Send = Callable[[str], Awaitable[None]]
+Send = Callable[[str], Awaitable[float | None]]  # a streaming sender returns its time to the first token
 
 
 async def closed_loop(send: Send, questions: list[str], clients: int, seconds: float) -> dict:
     """`clients` loops, each sending one question after another until `seconds` pass; latency per request."""
     latencies: list[float] = []
+    first_tokens: list[float] = []
     end = time.perf_counter() + seconds
 
     async def client(index: int) -> None:
         turn = index
         while time.perf_counter() < end:
             started = time.perf_counter()
-            await send(questions[turn % len(questions)])
+            first_token = await send(questions[turn % len(questions)])
             latencies.append(time.perf_counter() - started)
+            if first_token is not None:
+                first_tokens.append(first_token)
             turn += clients
 
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
-    return summarize(latencies, time.perf_counter() - started)
+    summary = summarize(latencies, time.perf_counter() - started)
+    if first_tokens:
+        ttft = percentiles(first_tokens)
+        summary |= {"ttft_p50_s": ttft[49], "ttft_p99_s": ttft[98]}
+    return summary
+
+
+def percentiles(values: list[float]) -> list[float]:
+    cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+    return [round(c, 3) for c in cuts]
 
 
 def summarize(latencies: list[float], elapsed_s: float) -> dict:
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    cuts = percentiles(latencies)
     return {"requests": len(latencies), "requests_per_s": round(len(latencies) / elapsed_s, 3),
-            "p50_s": round(cuts[49], 3), "p95_s": round(cuts[94], 3), "p99_s": round(cuts[98], 3)}
+            "p50_s": cuts[49], "p95_s": cuts[94], "p99_s": cuts[98]}
 
 
 def http_sender(http: aiohttp.ClientSession, url: str) -> Send:
@@ -73,6 +85,20 @@ def http_sender(http: aiohttp.ClientSession, url: str) -> Send:
         async with http.post(url, json={"question": question, "strategy": "two_stage"}) as response:
             response.raise_for_status()  # a failed request is not a measurement
             await response.read()
+    return send
+
+
+def stream_sender(http: aiohttp.ClientSession, url: str) -> Send:
+    """The question to the `pipeline` chat model with `stream: true`; returns the seconds to the first content token."""
+    async def send(question: str) -> float | None:
+        started, first_token = time.perf_counter(), None
+        body = {"model": "pipeline", "messages": [{"role": "user", "content": question}], "stream": True}
+        async with http.post(url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if first_token is None and line.startswith(b"data: {") and b'"content":"' in line.replace(b'"content":""', b""):
+                    first_token = time.perf_counter() - started
+        return first_token
     return send
 
 
@@ -116,15 +142,20 @@ def deploy(app: ServeAppConfig, port: int) -> str:
 
 
 async def load_curves(p: dict, questions: list[str], port: int) -> dict:
+    """/v1/solve with @serve.batch on and off; with it on, also the pipeline chat model streamed (TTFT)."""
     curves = {}
     async with http_session(900) as http:
         for mode, batch_size in BATCHING.items():
-            send = http_sender(http, deploy(local_app(p["model"], p["max_tokens"], batch_size), port))
-            await send(questions[0])  # warm-up: models loaded, first generate done
-            curves[mode] = {}
-            for clients in p["concurrency"]:
-                curves[mode][clients] = await closed_loop(send, questions, clients, p["seconds"])
-                print(f"[bench] serving {mode} c={clients}: {curves[mode][clients]}", flush=True)
+            url = deploy(local_app(p["model"], p["max_tokens"], batch_size), port)
+            senders = {mode: http_sender(http, url)}
+            if mode == "batch_on":
+                senders["batch_on_streamed"] = stream_sender(http, url.replace("/v1/solve", "/v1/chat/completions"))
+            for name, send in senders.items():
+                await send(questions[0])  # warm-up: models loaded, first generate done
+                curves[name] = {}
+                for clients in p["concurrency"]:
+                    curves[name][clients] = await closed_loop(send, questions, clients, p["seconds"])
+                    print(f"[bench] serving {name} c={clients}: {curves[name][clients]}", flush=True)
     return curves
 
 
@@ -174,7 +205,8 @@ def run(size: str) -> dict:
 
 def render(result: dict, folder: Path) -> str:
     load = [{"@serve.batch": mode, "clients": clients, **point} for mode, curve in result["load"].items()
-            for clients, point in curve.items()]
+            for clients, point in curve.items() if mode in BATCHING]
+    streamed = [{"clients": clients, **point} for clients, point in result["load"].get("batch_on_streamed", {}).items()]
     overhead = [{"clients": clients, "path": path, **o[path]} | {"added p50": f"{o['added_p50_s']} s ({o['added_p50_share']:.1%})"}
                 for clients, o in result["overhead"].items() for path in ("direct_engines", "served_graph")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
@@ -195,6 +227,10 @@ def render(result: dict, folder: Path) -> str:
         f"At the highest concurrency, batching serves {result['speedup_batch_on_vs_off']}x the requests/s. "
         f"Closed loop: each client sends its next question when the last is answered, for {params['seconds']} s.",
         save_figure(fig, folder, "serving"),
+        "### Streaming: time to the first token (the `pipeline` chat model, `stream: true`, `@serve.batch` on)",
+        table(streamed, ["clients", "requests", "requests_per_s", "ttft_p50_s", "ttft_p99_s", "p50_s", "p99_s"]),
+        "The first token comes once the decomposition is done and the solver's first token is out; the "
+        "solver's batch is shared with the other clients' streams.",
         f"### The composed graph's overhead (both stages on a stand-in API with {params['upstream_latency_s']} s latency)",
         table(overhead, ["clients", "path", *columns, "added p50"]),
     ])

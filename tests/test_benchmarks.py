@@ -60,6 +60,11 @@ def check_serving(result: dict) -> None:
         for point in points.values():
             assert point["requests"] > 0 and point["requests_per_s"] > 0
             assert point["p50_s"] <= point["p95_s"] <= point["p99_s"]
+    streamed = result["load"]["batch_on_streamed"]
+    assert list(streamed) == ["1", "4"]
+    for point in streamed.values():  # the first token comes before the end of the answer
+        assert point["requests"] > 0 and 0 < point["ttft_p50_s"] <= point["ttft_p99_s"]
+        assert point["ttft_p50_s"] <= point["p99_s"]
     for clients, o in result["overhead"].items():
         direct, graph = o["direct_engines"], o["served_graph"]
         assert direct["requests"] > 0 and graph["requests"] > 0

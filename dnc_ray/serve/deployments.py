@@ -27,7 +27,8 @@ class LocalModel:
 
     def __init__(self, model: HFModel, batch_wait_timeout_s: float):
         self.engine = make_engine(model)  # imports torch in this replica only
-        self.generating = 0  # requests whose batch is still generating (streams)
+        self.generating = 0  # streamed requests whose batch is still generating
+        self.streamed_tokens: list[int] = []  # tokens generated per request of the last finished streamed batch
         for batched in (self.complete, self._stream_batch):
             batched.set_max_batch_size(model.batch_size)
             batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -52,15 +53,17 @@ class LocalModel:
         finally:
             cancelled.set()
 
-    def in_flight(self) -> int:
-        """Streaming requests whose generation has not ended (a cancelled stream ends its row early)."""
-        return self.generating
+    def stats(self) -> dict:
+        """Streamed requests still generating, and the tokens each request of the last streamed batch got
+        (a cancelled stream's row ends early)."""
+        return {"generating": self.generating, "streamed_tokens": self.streamed_tokens}
 
     @serve.batch()  # parametrised: Ray's bare-decorator check rejects async generators, the batcher supports them
     async def _stream_batch(self, chats: list[Messages], params: list[SamplingParams],
                             cancelled: list[threading.Event]) -> AsyncIterator[list]:
         """Per step, each request's new chunks ([] when none); StopIteration once its answer is whole."""
         pending: list[list[Chunk] | type[StopIteration]] = [[] for _ in chats]
+        tokens = [0] * len(chats)
         self.generating += len(chats)
         try:
             for same in dict.fromkeys(params):  # one streamed generate per distinct sampling setting
@@ -70,8 +73,10 @@ class LocalModel:
                     yield [_take(pending, i) for i in range(len(chats))]
                     if chunk.completion is not None:
                         pending[picked[j]] = StopIteration
+                        tokens[picked[j]] = chunk.completion.completion_tokens
         finally:
             self.generating -= len(chats)
+            self.streamed_tokens = tokens
 
 
 def _take(pending: list, i: int) -> list[Chunk] | type[StopIteration]:

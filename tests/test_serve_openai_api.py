@@ -19,7 +19,7 @@ from conftest import question_of
 from dnc_ray.config import ServeAppConfig
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.serve.app import build_app
-from test_serve import AUTH, TOKEN_ENV, call, free_port, prometheus, served
+from test_serve import AUTH, TOKEN_ENV, call, prometheus, proxy, served  # noqa: F401 (proxy: a fixture)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,14 +33,6 @@ def scripted(messages: list[dict]) -> str:
     if "Question: " not in content:
         return "plain reply to a plain chat"
     return f"First the sub-questions.\nThe answer is: {len(question_of(content))}"
-
-
-@pytest.fixture(scope="module")
-def proxy(ray_local):
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

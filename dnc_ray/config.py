@@ -68,7 +68,9 @@ class HFModel(_ModelBase):
     engine: Literal["hf"]
     model: str = "smollm2-135m-instruct"
     batch_size: int = Field(8, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 where the device computes it natively (GPU, or CPU with AVX512-BF16/AMX), else float32"
+    )
     device: str = "cpu"
     num_gpus: float = Field(0.0, ge=0)
 
@@ -76,8 +78,8 @@ class HFModel(_ModelBase):
     def _gpu_settings_agree(self) -> "HFModel":
         if self.device.startswith("cuda") and self.num_gpus == 0:
             raise ValueError("device is cuda but num_gpus is 0: set num_gpus (e.g. 1)")
-        if self.dtype != "float32" and not self.device.startswith("cuda"):
-            raise ValueError(f"dtype {self.dtype} needs a GPU: use float32 with device cpu")
+        if self.dtype == "float16" and not self.device.startswith("cuda"):
+            raise ValueError("dtype float16 needs a GPU: use auto, bfloat16 or float32 with device cpu")
         return self
 
 

@@ -98,7 +98,7 @@ def test_valid_two_stage_loads_with_types_and_defaults(tmp_path):
     s = cfg.solver
     assert isinstance(s, HFModel)
     assert s.model == "smollm2-135m-instruct"
-    assert (s.dtype, s.device, s.num_gpus, s.batch_size, s.num_cpus) == ("float32", "cpu", 0.0, 8, 1.0)
+    assert (s.dtype, s.device, s.num_gpus, s.batch_size, s.num_cpus) == ("auto", "cpu", 0.0, 8, 1.0)
     assert s.temperature == 0.0 and s.max_tokens == 256
     assert (s.price.input_per_1k, s.price.output_per_1k) == (0.0, 0.0)
 
@@ -238,7 +238,7 @@ def test_every_error_is_reported(tmp_path):
         ({"task": {"name": "records", "path": "x.jsonl"}}, "task records needs `path` and `metric`"),
         ({"task": {"name": "records", "metric": "drop"}}, "task records needs `path` and `metric`"),
         ({"task": {"name": "gsm8k", "metric": "drop"}}, "`fields` and `metric` are for task records only"),
-        ({"solver": {"engine": "hf", "dtype": "bfloat16"}}, "dtype bfloat16 needs a GPU"),
+        ({"solver": {"engine": "hf", "dtype": "float16"}}, "dtype float16 needs a GPU"),
         ({"solver": {"engine": "hf", "device": "cuda"}}, "device is cuda but num_gpus is 0"),
     ],
 )
@@ -268,9 +268,9 @@ def test_cross_field_error_from_file_names_file_and_line(tmp_path):
     assert "the reference decomposer exists for task gsm8k only" in message
     assert "line 1" in message
 
-    text = "task: {name: gsm8k}\nstrategy: direct\noutput: o\nsolver:\n  engine: hf\n  dtype: bfloat16\n"
-    message = error_of(tmp_path, text, "bf16.yaml")
-    assert "line 4" in message and "`solver`" in message and "bfloat16 needs a GPU" in message
+    text = "task: {name: gsm8k}\nstrategy: direct\noutput: o\nsolver:\n  engine: hf\n  dtype: float16\n"
+    message = error_of(tmp_path, text, "fp16.yaml")
+    assert "line 4" in message and "`solver`" in message and "float16 needs a GPU" in message
 
     text = "task:\n  name: records\n  metric: gsm8k\nstrategy: direct\noutput: o\nsolver: {engine: hf}\n"
     message = error_of(tmp_path, text, "records.yaml")

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from dnc_ray.config import HFModel
 from dnc_ray.llm.engine import Completion, SamplingParams
 from dnc_ray.llm.hf import HFEngine
+from dnc_ray.llm.dtype import DeviceCaps, device_caps, resolve_dtype
 from dnc_ray.llm.models import SMOLLM2, TINY_RANDOM, ModelRefError, resolve_model
 
 CHATS = [
@@ -22,8 +23,9 @@ CHATS = [
 MAX_TOKENS = 12
 
 
-def _engine(model: str, batch_size: int = 8) -> HFEngine:
-    return HFEngine(HFModel(engine="hf", model=model, batch_size=batch_size))
+def _engine(model: str, batch_size: int = 8, dtype: str = "float32") -> HFEngine:
+    """fp32 by default here: these tests compare outputs exactly (batched vs alone, recorded outputs)."""
+    return HFEngine(HFModel(engine="hf", model=model, batch_size=batch_size, dtype=dtype))
 
 
 def _prompt_length(tokenizer, chat) -> int:
@@ -211,3 +213,32 @@ def test_resolve_a_folder_in_storage_copies_it_once(tmp_path, monkeypatch):
     assert engine.generate(CHATS[:1], SamplingParams(max_tokens=2))[0].error is None
     with pytest.raises(ModelRefError, match="cannot copy|no config.json"):
         resolve_model(f"file://{tmp_path}/missing-model")
+
+
+# --- dtype: auto --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("requested", "device", "caps", "expected"), [
+    ("auto", "cpu", DeviceCaps(cuda_bf16=False, cpu_bf16=True), "bfloat16"),   # AVX512-BF16 / AMX CPU
+    ("auto", "cpu", DeviceCaps(cuda_bf16=False, cpu_bf16=False), "float32"),   # a CPU that would emulate bf16
+    ("auto", "cuda", DeviceCaps(cuda_bf16=True, cpu_bf16=False), "bfloat16"),
+    ("auto", "cuda:1", DeviceCaps(cuda_bf16=False, cpu_bf16=True), "float32"),  # a GPU without bf16
+    ("float32", "cpu", DeviceCaps(cuda_bf16=True, cpu_bf16=True), "float32"),
+    ("bfloat16", "cuda", DeviceCaps(cuda_bf16=True, cpu_bf16=False), "bfloat16"),
+])
+def test_dtype_resolution_by_device_capabilities(requested, device, caps, expected):
+    assert resolve_dtype(requested, device, caps) == expected
+
+
+def test_explicit_bf16_on_a_cpu_that_emulates_it_warns():
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert resolve_dtype("bfloat16", "cpu", DeviceCaps(cuda_bf16=False, cpu_bf16=False)) == "bfloat16"
+
+
+def test_auto_dtype_on_this_machine_generates():
+    """The default (auto) loads bf16 where this CPU has AVX512-BF16 or AMX (the CI machine does)."""
+    engine = HFEngine(HFModel(engine="hf", model=SMOLLM2))
+    expected = "bfloat16" if device_caps().cpu_bf16 else "float32"
+    assert engine.dtype == expected and next(engine.model.parameters()).dtype == getattr(torch, expected)
+    out = engine.generate(CHATS, SamplingParams(max_tokens=MAX_TOKENS))
+    assert all(c.error is None and 0 < c.completion_tokens <= MAX_TOKENS and c.text for c in out)

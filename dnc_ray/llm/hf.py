@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaLi
 from transformers.generation.streamers import BaseStreamer
 
 from dnc_ray.config import HFModel
+from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
 from dnc_ray.llm.hf_streaming import stream_batch
 from dnc_ray.llm.models import resolve_model
@@ -25,8 +26,8 @@ class HFEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = getattr(torch, cfg.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device).eval()
+        self.dtype = resolve_dtype(cfg.dtype, cfg.device, device_caps())  # the dtype actually used
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype)).to(cfg.device).eval()
 
     async def agenerate(self, chats: list[Messages], params: SamplingParams) -> list[Completion]:
         """`generate` in a worker thread, so the caller's event loop keeps serving while the model runs."""

@@ -49,8 +49,12 @@ def check_teacher_http(result: dict) -> None:
 
 def check_hf_batch(result: dict) -> None:
     rates = result["tokens_per_s"]
-    assert set(rates) == {"one_by_one_generate"} | {f"engine_batch_{b}" for b in result["params"]["batches"]}
+    batches = result["params"]["batches"]
+    assert set(rates) == {"one_by_one_generate"} | {f"{d}_batch_{b}" for d in ("float32", "bfloat16") for b in batches}
     assert all(v > 0 for v in rates.values())
+    for b in batches:  # both dtypes measured in the same run
+        assert result["bf16_vs_fp32"][f"batch_{b}"] == pytest.approx(
+            rates[f"bfloat16_batch_{b}"] / rates[f"float32_batch_{b}"], abs=0.02)
 
 
 def check_serving(result: dict) -> None:

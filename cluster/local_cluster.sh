@@ -36,6 +36,19 @@ wait_for_nodes() {
   return 1
 }
 
+wait_for_jobs() {  # the dashboard answers before its job agent: submit a no-op job until one is accepted and runs
+  local deadline=$((SECONDS + 120)) out=""
+  while ((SECONDS < deadline)); do
+    if out=$("$RAY" job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --submission-id "dnc-ready-$RANDOM$RANDOM" \
+      -- true 2>&1); then
+      return 0
+    fi
+    sleep 1
+  done
+  echo "local cluster: the head does not accept jobs after 120 s (last: ${out##*$'\n'}); logs in $DIR" >&2
+  return 1
+}
+
 start() {
   local workers=${1:-1}
   mkdir -p "$DIR/tmp"
@@ -48,7 +61,8 @@ start() {
     node "worker$i" --address "127.0.0.2:$PORT" --node-ip-address "127.0.0.$((i + 2))" --num-cpus "$WORKER_CPUS"
   done
   wait_for_nodes $((workers + 1))
-  echo "local cluster up: $((workers + 1)) nodes"
+  wait_for_jobs
+  echo "local cluster up: $((workers + 1)) nodes, accepting jobs"
   echo "  export RAY_AUTH_MODE=token"
   echo "  ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- python ..."
 }

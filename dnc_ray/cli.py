@@ -15,11 +15,12 @@ from dnc_ray.config import (
     TrainConfig,
     load_config,
 )
+from dnc_ray.infra.lease import LeaseError
 from dnc_ray.llm.models import ModelRefError
 from dnc_ray.tasks import TaskError
 from dnc_ray.train import TrainSetError
 
-USER_ERRORS = (ConfigError, TaskError, TrainSetError, ModelRefError, FileNotFoundError)
+USER_ERRORS = (ConfigError, TaskError, TrainSetError, ModelRefError, FileNotFoundError, LeaseError)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from dnc_ray.config import GenerateConfig, PipelineConfig, RowsFailed, TrainConf
 from dnc_ray.distill import build_training_set, yield_table
 from dnc_ray.evaluate import evaluate_run, markdown_table
 from dnc_ray.infra import storage
+from dnc_ray.infra.lease import Lease
 from dnc_ray.stages.generate import check_api_keys, check_failed_rows, check_output, run_generate
 from dnc_ray.train.recipe import run_train
 
@@ -26,6 +27,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = cfg.output.rstrip("/")
     check_output(out)
     check_api_keys({"teacher_decomposer": cfg.teacher_decomposer, "teacher_solver": cfg.teacher_solver})
+    with Lease(out):  # one pipeline per output (each generation run also holds its own folder's lease)
+        return _run_pipeline(cfg, out)
+
+
+def _run_pipeline(cfg: PipelineConfig, out: str) -> dict:
     for name in REPORT_FILES:  # never leave an old report beside a run that did not finish
         storage.delete(storage.join(out, name))
 

@@ -369,3 +369,35 @@ def test_generate_empty_task_file(tmp_path, content):
     assert_one_line_error(result, "generate")
     assert f"{data}: no records" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- a damaged run.json (issue 12, item 3)
+
+
+def test_generate_rebuilds_a_truncated_run_json_from_the_rows_with_a_warning(tmp_path):
+    """Every row is done: the re-run needs no Ray and no model, only the run record is rebuilt."""
+    out = tmp_path / "out"
+    cfg = GenerateConfig.model_validate(direct_config(out, limit=2))
+    store = RunStore(str(out))
+    rows = []
+    for loaded in __import__("dnc_ray.tasks", fromlist=["load_rows"]).load_rows(cfg.task):
+        row = new_row(loaded)
+        row.update(prediction="1", solution="The answer is: 1", solver="smollm2-135m-instruct")
+        rows.append(row)
+    store.write_rows(to_table(rows))
+    store.write_meta({"identity": run_identity(cfg), "config": cfg.model_dump(mode="json"), "attempts": []})
+    intact = (out / "run.json").read_bytes()
+    (out / "run.json").write_bytes(intact[: len(intact) // 2])  # a crash of some other writer, a full disk...
+
+    result = dnc("generate", "--config", str(write_yaml(tmp_path / "c.yaml", cfg.model_dump(mode="json"))), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warning.startswith(f"[generate] warning: {out}/run.json: not valid JSON")
+    assert "rebuilt from this config (identity and config) and the 2 rows in rows/" in warning
+    assert "2 rows, 2 done earlier, 0 to run" in result.stdout
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["identity"] == run_identity(cfg)
+    assert [a.get("recovered") is not None for a in meta["attempts"]] == [True, False]
+    [kept] = [p for p in files_under(out) if p.startswith("run.json.damaged-")]
+    assert (out / kept).read_bytes() == intact[: len(intact) // 2]
+    assert "lease.json" not in files_under(out)  # released

@@ -66,19 +66,54 @@ def local_cluster():
 
 
 def submit(address: str, env: dict, config: Path, submission_id: str) -> tuple[str, str]:
-    """`ray job submit` (waits for the end); returns the job's final status line and its logs."""
+    """`ray job submit` (waits for the end); returns the job's final status line and its logs.
+
+    The submit itself must succeed: exit status 0 means the job was accepted and succeeded."""
     ray = [str(BIN / "ray"), "job"]
-    subprocess.run(
+    submitted = subprocess.run(
         [*ray, "submit", "--address", address, "--submission-id", submission_id, "--working-dir", str(ROOT),
          "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--", "python", "jobs/pipeline.py",
          "--config", str(config)],
-        env=env, timeout=1200, cwd=ROOT,
+        env=env, timeout=1200, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    assert submitted.returncode == 0, submitted.stdout[-3000:]
     status = subprocess.run([*ray, "status", "--address", address, submission_id], env=env, timeout=60,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
     logs = subprocess.run([*ray, "logs", "--address", address, submission_id], env=env, timeout=60,
                           capture_output=True, text=True).stdout
     return status, logs
+
+
+FAKE_RAY = """#!/usr/bin/env bash
+# `ray` as local_cluster.sh calls it: nodes come up at once, the job agent only at the 3rd submission
+case "$1 $2" in
+  "start --block") exec sleep 600 ;;
+  "list nodes") printf 'ALIVE\\nALIVE\\n' ;;
+  "job submit")
+    n=$(( $(cat "$FAKE_DIR/submits" 2>/dev/null || echo 0) + 1 )); echo $n > "$FAKE_DIR/submits"
+    if (( n < 3 )); then echo "No available agent to submit job, please try again later." >&2; exit 1; fi ;;
+esac
+exit 0
+"""
+
+
+def test_start_returns_only_once_the_head_accepts_jobs(tmp_path):
+    """The dashboard (and `ray list nodes`) answers before the head's job agent: `start` must wait for the agent."""
+    fake = tmp_path / "ray"
+    fake.write_text(FAKE_RAY)
+    fake.chmod(0o755)
+    folder = tempfile.mkdtemp(prefix="dnc-f", dir="/tmp")
+    env = {**os.environ, "RAY": str(fake), "FAKE_DIR": str(tmp_path), "DNC_CLUSTER_DIR": folder,
+           "DNC_DASHBOARD_PORT": str(free_port())}
+    script = str(ROOT / "cluster" / "local_cluster.sh")
+    try:
+        started = subprocess.run([script, "start", "1"], env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        assert (tmp_path / "submits").read_text().strip() == "3"  # refused twice, then accepted
+        assert "accepting jobs" in started.stdout
+    finally:
+        subprocess.run([script, "stop"], env=env, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.timeout(1800)

@@ -18,6 +18,10 @@ from dnc_ray.infra import storage
 from dnc_ray.method.row import ROW_SCHEMA, row_key
 
 
+class DamagedRunRecord(ConfigError):
+    """run.json is there but not a readable run record (truncated, edited, overwritten)."""
+
+
 class RunStore:
     def __init__(self, uri: str):
         self.uri = uri
@@ -28,15 +32,32 @@ class RunStore:
         return storage.exists(storage.join(self.uri, "run.json"))
 
     def read_meta(self) -> dict:
-        text = storage.read_text(storage.join(self.uri, "run.json"))
+        """run.json; DamagedRunRecord when it cannot be read as a run record."""
+        data = storage.read_bytes(storage.join(self.uri, "run.json"))
         try:
-            meta = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"{self.uri}/run.json: not valid JSON ({e}); is this a dnc run?") from None
+            meta = json.loads(data.decode("utf-8"))
+        except ValueError as e:  # UnicodeDecodeError is one
+            raise DamagedRunRecord(f"{self.uri}/run.json: not valid JSON ({e}); is this a dnc run?") from None
         missing = {"identity", "config", "attempts"} - set(meta if isinstance(meta, dict) else ())
-        if missing:
-            raise ConfigError(f"{self.uri}/run.json: not a dnc run record (missing {', '.join(sorted(missing))})")
+        if missing or not isinstance(meta["attempts"], list):
+            what = f"missing {', '.join(sorted(missing))}" if missing else "attempts is not a list"
+            raise DamagedRunRecord(f"{self.uri}/run.json: not a dnc run record ({what})")
         return meta
+
+    def has_rows(self) -> bool:
+        return bool(self._parts())
+
+    def part_names(self) -> list[str]:
+        """The Parquet parts written so far (a cheap listing: whether someone wrote since)."""
+        return self._parts()
+
+    def keep_damaged_meta(self) -> str:
+        """Copy run.json aside (run.json.damaged-<time>) before it is rebuilt; returns the copy's name."""
+        name = f"run.json.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        path = storage.join(self.uri, "run.json")
+        if storage.exists(path):
+            storage.write_bytes(storage.join(self.uri, name), storage.read_bytes(path))
+        return name
 
     def write_meta(self, meta: dict) -> None:
         """Atomic: a crash mid-write leaves the previous run.json, never a truncated one."""

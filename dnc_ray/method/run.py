@@ -8,6 +8,7 @@ failure (an engine bug, a runtime's deadline) propagates to the runtime.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -60,20 +61,33 @@ class StepContext:
         return completion.text
 
 
-async def run_row(strategy: Strategy, row: dict, models: dict[Role, Model], options: MethodOptions) -> dict:
-    """Run the strategy's steps that are not done yet on `row` (in place); a failed row keeps its error."""
+StepDone = Callable[[dict, "Step"], None]
+
+
+async def run_row(
+    strategy: Strategy, row: dict, models: dict[Role, Model], options: MethodOptions, on_step: StepDone | None = None
+) -> dict:
+    """Run the strategy's steps that are not done yet on `row` (in place); a failed row keeps its error.
+
+    `on_step(row, next_step)` is called when a step has just finished and `next_step` is still to run
+    (Ray Data persists such a row at once: a crash then redoes no finished step).
+    """
     if row["error"] is not None:
         return row  # failed before the method (e.g. no reference decomposition): kept as is
     ctx = StepContext(row, models, options)
+    ran = None
     for step in strategy.steps:
         if row[step.done_when] is not None:
             continue
+        if ran is not None and on_step is not None:
+            on_step(row, step)
         _reset(row, step)
         try:
             await step.run(row, ctx)
         except StepFailed as e:
             row["error"] = f"{step.name}: {e}"
             return row
+        ran = step
     return row
 
 

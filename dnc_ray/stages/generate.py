@@ -2,15 +2,20 @@
 
     rows -> [reference decompositions] -> [MethodStage: the strategy's steps per row] -> [score]
          -> driver writes each finished batch
+    MethodStage --(each row as it finishes a step: a Ray queue)--> driver writes them at once
 
 `MethodStage` is one async actor pool holding every model the strategy uses (method_stage.py).
-Rows whose latest attempt succeeded are skipped; a failed row restarts at the step that failed.
+Rows whose latest attempt succeeded are skipped; a failed row restarts at the step that failed, an
+unfinished one (a crash between two steps) at the step still to run. One driver per output at a
+time: it holds the output's lease (infra/lease.py) while it runs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,13 +26,14 @@ from dataclasses import replace
 from dnc_ray.config import ConfigError, GenerateConfig, OpenAIModel, ReferenceModel, RowsFailed, failed_rows_allowed
 from dnc_ray.infra import storage
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.infra.lease import Lease
 from dnc_ray.infra.progress import Progress
-from dnc_ray.infra.store import RunStore
+from dnc_ray.infra.store import DamagedRunRecord, RunStore
 from dnc_ray.method import STRATEGIES, MethodOptions
-from dnc_ray.stages.method_stage import MethodStage
-from dnc_ray.stages.reference import reference_decompose
+from dnc_ray.stages.method_stage import MethodStage, is_unfinished
+from dnc_ray.stages.reference import REFERENCE, reference_decompose
 from dnc_ray.method.row import new_row, row_key, to_table
-from dnc_ray.stages.score import score_batch
+from dnc_ray.stages.score import score_batch, score_rows
 from dnc_ray.tasks import get_task, load_rows, scorer
 
 # What makes two configs the same run (resumable into one output); the rest are runtime knobs.
@@ -68,8 +74,11 @@ def input_rows(cfg: GenerateConfig) -> list[dict]:
     return [r for r in rows if r["id"] in kept]
 
 
-def build_dataset(cfg: GenerateConfig, rows: list[dict]) -> ray.data.Dataset:
-    """The Ray Data pipeline: reference decompositions (if any), the strategy's MethodStage, scoring."""
+def build_dataset(cfg: GenerateConfig, rows: list[dict], sink=None) -> ray.data.Dataset:
+    """The Ray Data pipeline: reference decompositions (if any), the strategy's MethodStage, scoring.
+
+    `sink` (a ray.util.queue.Queue): where MethodStage sends each row as soon as it finishes a step.
+    """
     models = {role: getattr(cfg, role) for role in STRATEGIES[cfg.strategy].roles}
     reference = isinstance(models.get("decomposer"), ReferenceModel)
     models = {role: model for role, model in models.items() if not isinstance(model, ReferenceModel)}
@@ -81,7 +90,7 @@ def build_dataset(cfg: GenerateConfig, rows: list[dict]) -> ray.data.Dataset:
     if models:
         ds = ds.map_batches(
             MethodStage,
-            fn_constructor_args=(cfg.strategy, models, method_options(cfg)),
+            fn_constructor_args=(cfg.strategy, models, method_options(cfg), sink),
             batch_size=rows_per_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
@@ -151,43 +160,188 @@ def run_generate(cfg: GenerateConfig) -> dict:
     """Run (or resume) the config's generation; returns this attempt's summary.
 
     Checked before Ray starts and before anything is written: the output is not a file, every
-    `api_key_env` is set, the output holds no other run, the task data reads.
+    `api_key_env` is set, no other driver holds the output's lease, the output holds no other run,
+    the task data reads. Then, under the lease, run.json gets this attempt (`finished: null` until
+    it ends: an attempt killed midway stays so) and every row is written as soon as it is done.
     """
     check_output(cfg.output)
     check_api_keys({role: getattr(cfg, role) for role in ("decomposer", "solver")})
     store = RunStore(cfg.output)
-    meta = store.read_meta() if store.exists() else {"identity": run_identity(cfg), "attempts": []}
-    if meta["identity"] != run_identity(cfg):
-        raise ConfigError(
-            f"output {cfg.output} holds a different run (task, strategy or models differ): "
-            "choose a new output, or delete that folder"
-        )
+    lease = Lease(cfg.output)
+    lease.refuse_if_held()
+    load_meta(store, cfg)  # a run record of another run, or a damaged one that cannot be rebuilt: refused here
     rows = input_rows(cfg)
+    parts = store.part_names()
     todo = rows_to_run(rows, store.read_rows())
     if todo:
         init_ray(cfg.ray)  # before anything is written: an unreachable cluster leaves the output as it was
-    print(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "
-          f"{len(rows) - len(todo)} done earlier, {len(todo)} to run -> {cfg.output}", flush=True)
-    meta["config"] = cfg.model_dump(mode="json")  # holds env var NAMES only, never keys
-    store.write_meta(meta)
-    progress = Progress("generate", len(todo), cfg.progress_interval_s)
-    if todo:
-        for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="pyarrow"):
-            store.write_rows(batch)
-            progress.update(batch.num_rows, _errors(batch))
-    attempt = {
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "rows": progress.done,
-        "errors": progress.errors,
-        "elapsed_s": round(progress.elapsed_s, 3),
-        "run_rows": len(rows),
-    }
-    meta["attempts"].append(attempt)
-    store.write_meta(meta)
+    with lease:
+        meta, warning = load_meta(store, cfg)  # again: what a driver before this one wrote last
+        if store.part_names() != parts:
+            todo = rows_to_run(rows, store.read_rows())
+            if todo:
+                init_ray(cfg.ray)
+        if warning:
+            print(f"[generate] warning: {warning} (copy kept as {store.keep_damaged_meta()})", file=sys.stderr, flush=True)
+        print(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "
+              f"{len(rows) - len(todo)} done earlier, {len(todo)} to run -> {cfg.output}", flush=True)
+        meta["config"] = cfg.model_dump(mode="json")  # holds env var NAMES only, never keys
+        attempt = {"started": _now(), "finished": None, "rows": 0, "errors": 0, "elapsed_s": 0.0, "run_rows": len(rows)}
+        meta["attempts"].append(attempt)
+        lease.check()
+        store.write_meta(meta)
+        progress = Progress("generate", len(todo), cfg.progress_interval_s)
+        if todo:
+            _run(cfg, todo, store, lease, progress)
+        attempt.update(finished=_now(), rows=progress.done, errors=progress.errors,
+                       elapsed_s=round(progress.elapsed_s, 3))
+        lease.check()
+        store.write_meta(meta)
     print(f"[generate] finished: {progress.done} rows run ({progress.errors} failed), {len(rows) - len(todo)} done "
           f"earlier, {len(rows)} in the run, {progress.elapsed_s:.1f}s -> {cfg.output}", flush=True)
     return attempt
 
 
-def _errors(batch: pa.Table) -> int:
-    return batch.num_rows - batch["error"].null_count
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_meta(store: RunStore, cfg: GenerateConfig) -> tuple[dict, str | None]:
+    """The output's run record (a new one when there is none) and, when it had to be rebuilt, a warning.
+
+    A run.json that is damaged (or missing beside rows) is rebuilt from `cfg` when the rows there
+    match it: their task, split, sample numbers and model names (what rows can tell; temperature,
+    max_tokens and base_url cannot be checked). Its attempts are replaced by one `recovered` entry
+    counting the rows found. Another run's record, or rows that do not match, are refused.
+    """
+    fresh = {"identity": run_identity(cfg), "attempts": []}
+    try:
+        meta = store.read_meta() if store.exists() else None
+    except DamagedRunRecord as e:
+        damage = str(e)
+    else:
+        if meta is None and not store.has_rows():
+            return fresh, None
+        if meta is not None:
+            if meta["identity"] != run_identity(cfg):
+                raise ConfigError(
+                    f"output {cfg.output} holds a different run (task, strategy or models differ): "
+                    "choose a new output, or delete that folder"
+                )
+            return meta, None
+        damage = f"{cfg.output}/run.json: missing, but rows/ holds rows"
+    stored = store.read_rows()
+    mismatch = _rows_mismatch(stored, cfg)
+    if mismatch:
+        raise ConfigError(f"{damage}; it cannot be rebuilt from this config: {mismatch}")
+    failed = sum(r["error"] is not None for r in stored)
+    fresh["attempts"].append({"recovered": _now(), "finished": None, "rows": len(stored), "errors": failed,
+                              "elapsed_s": 0.0, "run_rows": len(stored)})
+    warning = (f"{damage}; rebuilt from this config (identity and config) and the {len(stored)} rows in rows/ "
+               f"({failed} failed or unfinished, to be retried); the earlier attempts' history (times, counts) is lost")
+    return fresh, warning
+
+
+def _rows_mismatch(stored: list[dict], cfg: GenerateConfig) -> str | None:
+    """Why the stored rows cannot be this config's run, or None."""
+    roles = STRATEGIES[cfg.strategy].roles
+    names = {role: getattr(cfg, role) for role in ("decomposer", "solver")}
+    expected = {role: (REFERENCE if isinstance(m, ReferenceModel) else m.model) if m is not None else None
+                for role, m in names.items()}
+    for row in stored:
+        where = f"row {row['id']} sample {row['sample']}"
+        if row["task"] != get_task(cfg.task).name or row["split"] != cfg.task.split:
+            return f"{where} is of {row['task']}/{row['split']}, the config runs {cfg.task.name}/{cfg.task.split}"
+        if row["sample"] >= cfg.num_samples:
+            return f"{where}: the config samples {cfg.num_samples} per question"
+        for role in ("decomposer", "solver"):
+            if cfg.strategy == "solve" and role == "decomposer":
+                continue  # the decompositions come from another run
+            if row[role] is not None and (role not in roles or row[role] != expected[role]):
+                return f"{where} has {role} {row[role]}, the config {expected[role] if role in roles else 'none'}"
+    return None
+
+
+def _run(cfg: GenerateConfig, todo: list[dict], store: RunStore, lease: Lease, progress: Progress) -> None:
+    """Run the pipeline over `todo`, writing rows as the MethodStage actors send them and as batches come out."""
+    from ray.util.queue import Queue
+
+    has_models = any(not isinstance(getattr(cfg, role), ReferenceModel) for role in STRATEGIES[cfg.strategy].roles)
+    sink = Queue(actor_options={"num_cpus": 0}) if has_models else None
+    writer = RowWriter(store, lease, progress, scorer(cfg.task) if cfg.strategy != "decompose" else None, sink)
+    try:
+        for batch in build_dataset(cfg, todo, sink).iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.batch_done(batch)
+    finally:
+        writer.close()  # what the actors finished is written even when the pipeline failed
+        if sink is not None:
+            ray.kill(sink.actor)
+
+
+class RowWriter:
+    """Writes rows as Parquet parts from two sources, in the order their states were reached: the rows
+    the MethodStage actors send to `sink` (a thread drains it every `drain_s`), and the batches Ray Data
+    hands over (their rows already written from the sink are skipped: the sink had them first).
+
+    A row is counted as done (progress) once, when its last state is written; an unfinished row
+    (a step still to run) is written but not counted.
+    """
+
+    def __init__(self, store: RunStore, lease: Lease, progress: Progress, scorer, sink, drain_s: float = 0.2):
+        self.store, self.lease, self.progress, self.scorer, self.sink = store, lease, progress, scorer, sink
+        self._done: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = None
+        if sink is not None:
+            self._thread = threading.Thread(target=self._drain_loop, args=(drain_s,), name="dnc-rows", daemon=True)
+            self._thread.start()
+
+    def batch_done(self, batch: pa.Table) -> None:
+        self._raise_error()
+        with self._lock:
+            self._drain()  # everything the actors sent before this batch left them
+            rows = [r for r in batch.to_pylist() if row_key(r) not in self._done]
+            if rows:
+                self._write(rows)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            if self.error is None:
+                self._drain()
+        self._raise_error()
+
+    def _drain_loop(self, drain_s: float) -> None:
+        while not self._stop.wait(drain_s):
+            try:
+                with self._lock:
+                    self._drain()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+                return
+
+    def _drain(self) -> None:
+        if self.sink is None:
+            return
+        waiting = self.sink.qsize()
+        if waiting:
+            sent = [row for rows in self.sink.get_nowait_batch(waiting) for row in rows]
+            latest = {row_key(r): r for r in sent}  # a row sent twice in one drain: its later state only
+            if self.scorer is not None:
+                score_rows(list(latest.values()), self.scorer)
+            self._write(list(latest.values()))
+
+    def _write(self, rows: list[dict]) -> None:
+        self.lease.check()
+        self.store.write_rows(to_table(rows))
+        finished = [r for r in rows if not is_unfinished(r) and row_key(r) not in self._done]
+        self._done.update(row_key(r) for r in finished)
+        self.progress.update(len(finished), sum(r["error"] is not None for r in finished))
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error

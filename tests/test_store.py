@@ -164,3 +164,15 @@ def test_an_intact_run_json_is_read_as_is(tmp_path):
     store = RunStore(cfg.output)
     store.write_meta({"identity": run_identity(cfg), "config": {}, "attempts": [{"rows": 3}]})
     assert load_meta(store, cfg) == ({"identity": run_identity(cfg), "config": {}, "attempts": [{"rows": 3}]}, None)
+
+
+def test_many_parts_are_merged_into_one_keeping_each_keys_latest_row(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    store.write_rows(to_table([row("a", error="solve: unfinished (...)"), row("b", solution="b1")]))
+    store.write_rows(to_table([row("a", solution="a2")]))
+    store.write_rows(to_table([row("c", error="decompose: timeout")]))
+    before = store.read_rows()
+    assert store.compact(above=3) == 0 and len(store.part_names()) == 3  # few parts: left alone
+    assert store.compact(above=2) == 3
+    assert len(store.part_names()) == 1 and store.read_rows() == before
+    assert {r["id"]: r["solution"] for r in store.read_rows()} == {"a": "a2", "b": "b1", "c": None}

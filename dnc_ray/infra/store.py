@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 
 from dnc_ray.config import ConfigError
 from dnc_ray.infra import storage
-from dnc_ray.method.row import ROW_SCHEMA, row_key
+from dnc_ray.method.row import ROW_SCHEMA, row_key, to_table
+
+COMPACT_ABOVE = 64  # parts an output may hold at the end of an attempt before they are merged into one
 
 
 class DamagedRunRecord(ConfigError):
@@ -74,13 +76,28 @@ class RunStore:
         pq.write_table(table.cast(ROW_SCHEMA), f"{name}.tmp", filesystem=self.fs)
         self.fs.move(f"{name}.tmp", name)
 
-    def read_rows(self) -> list[dict]:
-        """Every key's latest row, in key order."""
+    def read_rows(self, parts: list[str] | None = None) -> list[dict]:
+        """Every key's latest row, in key order (of `parts`, default every part)."""
         latest: dict[tuple[str, int], dict] = {}
-        for part in self._parts():
+        for part in self._parts() if parts is None else parts:
             for row in pq.read_table(part, filesystem=self.fs, schema=ROW_SCHEMA).to_pylist():
                 latest[row_key(row)] = row
         return [latest[k] for k in sorted(latest)]
+
+    def compact(self, above: int = COMPACT_ABOVE) -> int:
+        """When there are more than `above` parts (rows are written as they finish: many small parts),
+        rewrite every key's latest row as one part, then delete the others; returns how many were merged.
+
+        Only under the output's lease (no other writer). A crash between the two steps leaves both:
+        the new part is the latest, so every key still reads the same.
+        """
+        parts = self._parts()
+        if len(parts) <= above:
+            return 0
+        self.write_rows(to_table(self.read_rows(parts)))
+        for part in parts:
+            self.fs.delete_file(part)
+        return len(parts)
 
     def done_keys(self) -> set[tuple[str, int]]:
         return {row_key(r) for r in self.read_rows() if r["error"] is None}

@@ -7,6 +7,7 @@ import sys
 
 from dnc_ray.config import (
     VARIANTS,
+    BudgetReached,
     ConfigError,
     GenerateConfig,
     PipelineConfig,
@@ -91,9 +92,11 @@ def parser() -> argparse.ArgumentParser:
 
 # Exit codes (README "Exit codes"): 0 done; 1 an unexpected error (a traceback: a bug or an infrastructure
 # failure); 2 a user error, one line, stopped before Ray started or anything was written; 3 the run
-# finished but more rows failed than `max_failed_rows` allows (every row is written; a re-run retries them).
+# finished but more rows failed than `max_failed_rows` allows (every row is written; a re-run retries them);
+# 4 `budget_usd` stopped the run (finished rows are written; a run with a higher budget_usd resumes the others).
 EXIT_USER_ERROR = 2
 EXIT_ROWS_FAILED = 3
+EXIT_BUDGET_REACHED = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except RowsFailed as e:
         print(f"dnc {args.command}: failed rows: {e}", file=sys.stderr)
         return EXIT_ROWS_FAILED
+    except BudgetReached as e:
+        print(f"dnc {args.command}: budget reached: {e}", file=sys.stderr)
+        return EXIT_BUDGET_REACHED
     return 0
 
 

@@ -20,6 +20,11 @@ class RowsFailed(Exception):
     """More rows failed than the config's `max_failed_rows` allows: the CLI exits 3 (the rows are written)."""
 
 
+class BudgetReached(Exception):
+    """`budget_usd` stopped the run before every row was done: the CLI exits 4 (finished rows are written; a run
+    with a higher budget_usd resumes the others)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,6 +47,16 @@ class _ModelBase(_Strict):
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs each actor reserves")
 
 
+class BatchAPI(_Strict):
+    """How a `mode: batch` model uses the Batch API (defaults: OpenAI's limits and its 50 % discount)."""
+
+    price: Price | None = Field(None, description="$ per 1K tokens in batch mode; null: half of the model's price")
+    max_requests: int = Field(50_000, gt=0, description="requests per batch (OpenAI: 50,000); a round is split")
+    max_bytes: int = Field(200_000_000, gt=0, description="bytes per batch input file (OpenAI: 200 MB)")
+    poll_s: float = Field(30.0, gt=0, description="seconds between two looks at a batch's status")
+    completion_window: Literal["24h"] = "24h"
+
+
 class OpenAIModel(_ModelBase):
     """Any OpenAI-compatible endpoint (OpenAI, vLLM, Ray Serve LLM, `dnc serve`)."""
 
@@ -60,6 +75,24 @@ class OpenAIModel(_ModelBase):
     breaker_open_s: float = Field(10.0, gt=0, description="seconds an open circuit fails calls before one is tried")
     batch_size: int = Field(256, gt=0)
     num_cpus: float = Field(0.25, ge=0)
+    requests_per_minute: int | None = Field(None, gt=0, description="the endpoint's request limit, held by the whole "
+                                            "run (every actor, both roles on the same base_url and model); null: none")
+    tokens_per_minute: int | None = Field(None, gt=0, description="the endpoint's token limit (prompt estimated at 4 "
+                                          "characters a token, plus max_tokens, as OpenAI counts); null: none")
+    mode: Literal["online", "batch"] = Field("online", description="batch: the run's requests go through the Batch "
+                                             "API (JSONL upload, one batch per round of steps), at its price")
+    batch_api: BatchAPI = Field(BatchAPI(), description="mode batch: price, limits, polling")
+
+    @model_validator(mode="after")
+    def _limits_are_for_online_requests(self) -> "OpenAIModel":
+        if self.mode == "batch" and (self.requests_per_minute or self.tokens_per_minute):
+            raise ValueError("requests_per_minute / tokens_per_minute limit online requests: a batch-mode model has none")
+        return self
+
+    @property
+    def limit_key(self) -> tuple[str, str]:
+        """Models with the same key share one rate limit: the same endpoint and model."""
+        return self.base_url.rstrip("/"), self.model
 
 
 class HFModel(_ModelBase):
@@ -172,8 +205,25 @@ class GenerateConfig(_Strict):
     max_turns: int = Field(8, gt=0, description="self_ask: decomposer turns before a row without a final answer fails")
     max_failed_rows: FailedRows = Field(0, description="failed rows allowed before `dnc generate` exits 3: "
                                         "a count, or a share of the run's rows such as '5%'")
+    budget_usd: float | None = Field(None, gt=0, description="the run's spend cap (its rows' cost, earlier attempts "
+                                     "included): no request starts past it; `dnc generate` then exits 4")
     progress_interval_s: float = Field(10.0, gt=0)
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cost_controls_agree(self) -> "GenerateConfig":
+        models = [m for m in (self.decomposer, self.solver) if m is not None]
+        online = [m for m in models if isinstance(m, OpenAIModel) and m.mode == "online"]
+        for a in online:
+            for b in online:
+                limits = zip((a.requests_per_minute, a.tokens_per_minute), (b.requests_per_minute, b.tokens_per_minute))
+                if a.limit_key == b.limit_key and any(x is not None and y is not None and x != y for x, y in limits):
+                    raise ValueError(f"decomposer and solver call {a.model} at {a.base_url}: one rate limit holds for "
+                                     "both, give them the same requests_per_minute and tokens_per_minute")
+        if any(isinstance(m, OpenAIModel) and m.mode == "batch" for m in models) and any(isinstance(m, HFModel) for m in models):
+            raise ValueError("a run with a batch-mode model is driven from the driver and cannot hold an hf model: run "
+                             "the hf step as its own run (e.g. strategy decompose), then strategy solve in batch mode")
+        return self
 
     @field_validator("strategy")
     @classmethod
@@ -383,6 +433,8 @@ class ServedModel(_Strict):
     def _settings_agree(self) -> "ServedModel":
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("set either `replicas` or `autoscaling`, not both")
+        if getattr(self.model, "mode", "online") == "batch":
+            raise ValueError("model.mode batch is for offline runs (`dnc generate`): a served model answers online")
         if isinstance(self.model, HFModel) and self.model.batch_size > self.max_ongoing_requests:
             raise ValueError("model.batch_size is larger than max_ongoing_requests: batches could never fill")
         return self
@@ -455,8 +507,17 @@ class PipelineConfig(_Strict):
     student_decomposer: StudentDecomposer = StudentDecomposer()
     max_failed_rows: FailedRows = Field(0, description="failed rows allowed per generation run (teacher and each "
                                         "evaluation) before `dnc pipeline` exits 3: a count, or a share such as '5%'")
+    budget_usd: float | None = Field(None, gt=0, description="spend cap of the whole pipeline (every generation run's "
+                                     "rows): a run starts no request past it; `dnc pipeline` then exits 4")
     progress_interval_s: float = Field(10.0, gt=0)
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _batch_solver_pairs_with_no_student(self) -> "PipelineConfig":
+        if getattr(self.teacher_solver, "mode", "online") == "batch":
+            raise ValueError("teacher_solver in mode batch: the evaluation runs pair it with the hf student, which a "
+                             "batch run cannot hold; a batch-mode teacher_decomposer is fine")
+        return self
 
     @model_validator(mode="after")
     def _max_subquestions_of_the_task(self) -> "PipelineConfig":

@@ -15,6 +15,7 @@ from dnc_ray.distill import build_training_set, yield_table
 from dnc_ray.evaluate import evaluate_run, markdown_table
 from dnc_ray.infra import storage
 from dnc_ray.infra.lease import Lease
+from dnc_ray.stages.cost_controls import within_budget
 from dnc_ray.stages.generate import check_api_keys, check_failed_rows, check_output, run_generate
 from dnc_ray.train.recipe import run_train
 
@@ -37,7 +38,7 @@ def _run_pipeline(cfg: PipelineConfig, out: str) -> dict:
 
     _stage("teacher run")
     teacher = teacher_run(cfg, f"{out}/teacher")
-    check_failed_rows(teacher, run_generate(teacher))  # a partial set would be distilled (and reused) otherwise
+    check_failed_rows(teacher, run_generate(_budgeted(cfg, teacher, out)))  # else a partial set would be distilled
     _stage(f"distill {cfg.variant}")
     if storage.exists(storage.join(out, "distill", "train.parquet")):
         print(f"[pipeline] reusing {out}/distill", flush=True)
@@ -51,7 +52,7 @@ def _run_pipeline(cfg: PipelineConfig, out: str) -> dict:
     reports, failures = [], []
     for name, gen in evaluation_runs(cfg, out).items():
         _stage(f"evaluate {name}")
-        attempt = run_generate(gen)
+        attempt = run_generate(_budgeted(cfg, gen, out))
         reports.append({"name": name, **evaluate_run(gen.output)})
         try:
             check_failed_rows(gen, attempt)
@@ -61,6 +62,15 @@ def _run_pipeline(cfg: PipelineConfig, out: str) -> dict:
     if failures:
         raise RowsFailed("; ".join(failures))
     return summary
+
+
+def _budgeted(cfg: PipelineConfig, gen: GenerateConfig, out: str) -> GenerateConfig:
+    """`budget_usd` holds for the pipeline as a whole: each run gets what its other runs have not spent
+    (BudgetReached, exit 4, stops the pipeline where a run reaches it)."""
+    if cfg.budget_usd is None:
+        return gen
+    outputs = [f"{out}/teacher", *(run.output for run in evaluation_runs(cfg, out).values())]
+    return within_budget(gen, cfg.budget_usd, outputs)
 
 
 def teacher_run(cfg: PipelineConfig, output: str) -> GenerateConfig:

@@ -11,6 +11,11 @@ timeout) is not retried, and a circuit breaker per engine (so per Ray actor or S
 opens after `breaker_failures` such failures in a row: every call then fails at once, without
 touching the network, until `breaker_open_s` has passed; then one call is let through (half-open):
 a reply closes the circuit, another connection failure opens it again.
+
+Rate limits (`requests_per_minute`, `tokens_per_minute`; rate_limit.py): every attempt, retries included,
+first waits its turn in `limiter` (an in-process Limiter by default; in a Ray Data run the stage's
+SharedLimiter, set by the driver). A 429 pauses the limiter for its retry-after (or the backoff when it
+has none): the whole stage waits, not only the request that was refused.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import openai
 
 from dnc_ray.config import OpenAIModel
 from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
+from dnc_ray.llm.rate_limit import Limiter, rate_tokens
 
 _MAX_ERROR_CHARS = 300
 
@@ -91,6 +97,7 @@ class OpenAIEngine:
                     "export it with the API key, or set api_key_env: null for an endpoint without a key"
                 )
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_open_s)
+        self.limiter = Limiter(cfg.requests_per_minute, cfg.tokens_per_minute)  # replaced by a run's SharedLimiter
         # Nothing is opened here: the client starts on first use, on the loop that uses it.
         # (loop, client, request slots, the client without retries of its own)
         self._bound: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI, asyncio.Semaphore, openai.AsyncOpenAI] | None = None
@@ -105,6 +112,7 @@ class OpenAIEngine:
         client, slots = self._client()
         async with slots:
             start, parts, usage, stream = time.perf_counter(), [], None, None
+            await self.limiter.acquire(rate_tokens(chat, params.max_tokens))
             try:
                 stream = await client.chat.completions.create(
                     messages=chat, stream=True, stream_options={"include_usage": True}, **self._request(params)
@@ -145,11 +153,14 @@ class OpenAIEngine:
                     error = (f"CircuitOpen: the upstream could not be reached ({self.breaker.in_a_row} connection "
                              f"failures in a row); calls fail at once for {self.cfg.breaker_open_s:g}s, then one is tried")
                     return Completion(text=None, latency_s=time.perf_counter() - start, error=error)
+                await self.limiter.acquire(rate_tokens(chat, kwargs["max_tokens"]))
                 try:
                     response = await self._create(client, chat, kwargs)
                     break
                 except (openai.APIError, MalformedResponse) as e:  # the endpoint failed this chat: the batch goes on
                     delay = self._retry_delay(e, retry)
+                    if isinstance(e, openai.APIStatusError) and e.status_code == 429:  # the endpoint is full: all wait
+                        self.limiter.pause(_retry_after_s(e.response.headers) or delay or _backoff_s(retry))
                     if delay is None:
                         return Completion(text=None, latency_s=time.perf_counter() - start, error=self._describe(e))
                     await asyncio.sleep(delay)
@@ -199,7 +210,7 @@ class OpenAIEngine:
                 return after
         elif not isinstance(e, (openai.APIConnectionError, MalformedResponse)):
             return None  # e.g. a reply that does not fit the schema: not a transient failure
-        return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * random.random())
+        return _backoff_s(retry)
 
     def _describe(self, e: Exception) -> str:
         message = " ".join(str(e).split()) or repr(e)
@@ -227,6 +238,10 @@ class OpenAIEngine:
         bound, self._bound = self._bound, None
         if bound is not None:
             await bound[1].close()
+
+
+def _backoff_s(retry: int) -> float:
+    return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * random.random())
 
 
 def _retry_after_s(headers) -> float | None:

@@ -8,10 +8,13 @@ A request with `stream: true` gets the same answer as OpenAI stream chunks, one 
 an OpenAI-style error body (with a `retry-after` header when `retry_after_s` is set), `GARBAGE` to
 answer 200 with JSON that has no choices, `GARBAGE_TEXT` to answer 200 with a body that is not JSON,
 or `RESET` to drop the connection in the middle of the reply.
+Per-minute request and token limits (429 with Retry-After past them) and the files and batches API
+(`batch_delay_s` until a batch completes, `fail_line` to fail lines of it): stub_batch_api.py.
 Run it standalone for dry runs and benchmarks:
 
     python -m dnc_ray.llm.stub_server --port 8001 --latency-s 0.2
     python -m dnc_ray.llm.stub_server --reply self-ask   # self-ask prompts answered by a script (self_ask_reply)
+    python -m dnc_ray.llm.stub_server --requests-per-minute 600 --rate-window-s 1 --batch-delay-s 5
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from dnc_ray.llm.stub_batch_api import BatchAPI, RateGate
 from dnc_ray.method.prompts import FOLLOW_UP_INSTRUCTION, SELF_ASK_INSTRUCTION
 
 GARBAGE = "garbage"
@@ -87,6 +91,12 @@ class StubServer:
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
     retry_after_s: float | None = None  # sent as `retry-after` with every error status
+    requests_per_minute: int | None = None  # limits answered with 429 + retry-after (stub_batch_api.RateGate)
+    tokens_per_minute: int | None = None
+    rate_window_s: float = 60.0  # the limits' buckets hold this many seconds' worth
+    batch_delay_s: float = 0.0  # seconds a batch stays in_progress before it completes
+    fail_line: Callable[[str, list[dict]], "int | None"] | None = None  # (custom_id, messages) -> status to fail a batch line
+    batch_max_requests: int | None = None  # batches with more lines fail validation
 
     requests: list[list[dict]] = field(default_factory=list, init=False)
     headers: dict[str, str] = field(default_factory=dict, init=False)
@@ -97,6 +107,8 @@ class StubServer:
         self._in_flight = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self.rate = RateGate(self.requests_per_minute, self.tokens_per_minute, self.rate_window_s)
+        self.batch_api = BatchAPI(self)
         self.app = self._build_app()
 
     @property
@@ -114,6 +126,9 @@ class StubServer:
         async def chat_completions(request: Request):
             body = await request.json()
             messages = body.get("messages", [])
+            refused = self.rate.check(messages, body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+            if refused is not None:
+                return refused
             with self._lock:
                 index = len(self.requests)
                 self.requests.append(messages)
@@ -132,6 +147,7 @@ class StubServer:
                 with self._lock:
                     self._in_flight -= 1
 
+        self.batch_api.install(app)
         return app
 
     def _answer(self, index: int, messages: list[dict], model: str) -> JSONResponse | dict:
@@ -147,6 +163,12 @@ class StubServer:
             error = {"message": f"stub failure {outcome} for request {index}", "type": "stub_error", "param": None, "code": str(outcome)}
             headers = {"retry-after": f"{self.retry_after_s:g}"} if self.retry_after_s is not None else None
             return JSONResponse({"error": error}, status_code=int(outcome), headers=headers)
+        return self.completion(messages, model, head)
+
+    def completion(self, messages: list[dict], model: str, head: dict | None = None) -> dict:
+        """The reply to `messages` as a chat completion (usage counted in words)."""
+        head = head or {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
+                        "created": int(time.time()), "model": model}
         text = self.reply(messages)
         prompt_tokens = sum(_words(m.get("content")) for m in messages)
         completion_tokens = _words(text)
@@ -231,9 +253,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="stub-teacher")
     parser.add_argument("--reply", choices=list(REPLIES), default="fixed",
                         help='fixed: "The answer is: 42" to every prompt; self-ask: self_ask_reply')
+    parser.add_argument("--requests-per-minute", type=int, default=None, help="429 past it (default: no limit)")
+    parser.add_argument("--tokens-per-minute", type=int, default=None, help="429 past it (default: no limit)")
+    parser.add_argument("--rate-window-s", type=float, default=60.0,
+                        help="seconds' worth of each limit that may come at once (1: enforced per second)")
+    parser.add_argument("--batch-delay-s", type=float, default=0.0, help="seconds a batch stays in progress")
     args = parser.parse_args(argv)
     StubServer(reply=REPLIES[args.reply], latency_s=args.latency_s, model=args.model, host=args.host,
-               port=args.port).serve_forever()
+               port=args.port, requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
+               rate_window_s=args.rate_window_s, batch_delay_s=args.batch_delay_s).serve_forever()
 
 
 if __name__ == "__main__":

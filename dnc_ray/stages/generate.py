@@ -33,6 +33,8 @@ from dnc_ray.infra.lease import Lease
 from dnc_ray.infra.progress import Progress
 from dnc_ray.infra.store import DamagedRunRecord, RunStore
 from dnc_ray.method import STRATEGIES, MethodOptions
+from dnc_ray.stages import cost_controls
+from dnc_ray.stages.batch_rounds import run_rounds, uses_batch_api
 from dnc_ray.stages.method_stage import MethodStage, is_unfinished
 from dnc_ray.stages.reference import REFERENCE, reference_decompose
 from dnc_ray.method.row import new_row, row_key, to_table
@@ -77,7 +79,7 @@ def input_rows(cfg: GenerateConfig) -> list[dict]:
     return [r for r in rows if r["id"] in kept]
 
 
-def build_dataset(cfg: GenerateConfig, rows: list[dict], sink=None) -> ray.data.Dataset:
+def build_dataset(cfg: GenerateConfig, rows: list[dict], sink=None, controls=None) -> ray.data.Dataset:
     """The Ray Data pipeline: reference decompositions (if any), the strategy's MethodStage, scoring.
 
     `sink` (a ray.util.queue.Queue): where MethodStage sends each row as soon as it finishes a step.
@@ -93,7 +95,7 @@ def build_dataset(cfg: GenerateConfig, rows: list[dict], sink=None) -> ray.data.
     if models:
         ds = ds.map_batches(
             MethodStage,
-            fn_constructor_args=(cfg.strategy, models, method_options(cfg), sink),
+            fn_constructor_args=(cfg.strategy, models, method_options(cfg), sink, controls),
             batch_size=rows_per_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
@@ -176,13 +178,13 @@ def run_generate(cfg: GenerateConfig) -> dict:
     rows = input_rows(cfg)
     parts = store.part_names()
     todo = rows_to_run(rows, store.read_rows())
-    if todo:
+    if todo and not uses_batch_api(cfg):  # a batch run is driven from here: no Ray
         init_ray(cfg.ray)  # before anything is written: an unreachable cluster leaves the output as it was
     with lease:
         meta, warning = load_meta(store, cfg)  # again: what a driver before this one wrote last
         if store.part_names() != parts:
             todo = rows_to_run(rows, store.read_rows())
-            if todo:
+            if todo and not uses_batch_api(cfg):
                 init_ray(cfg.ray)
         if warning:
             print(f"[generate] warning: {warning} (copy kept as {store.keep_damaged_meta()})", file=sys.stderr, flush=True)
@@ -194,17 +196,17 @@ def run_generate(cfg: GenerateConfig) -> dict:
         lease.check()
         store.write_meta(meta)
         progress = Progress("generate", len(todo), cfg.progress_interval_s)
-        if todo:
-            _run(cfg, todo, store, lease, progress)
+        spend = _run(cfg, todo, store, lease, progress, meta) if todo else {}
         merged = store.compact()  # rows written as they finished: many small parts
         if merged:
             print(f"[generate] merged {merged} parts of {cfg.output}/rows into one", flush=True)
         attempt.update(finished=_now(), rows=progress.done, errors=progress.errors,
-                       elapsed_s=round(progress.elapsed_s, 3))
+                       elapsed_s=round(progress.elapsed_s, 3), **spend)
         lease.check()
         store.write_meta(meta)
     print(f"[generate] finished: {progress.done} rows run ({progress.errors} failed), {len(rows) - len(todo)} done "
           f"earlier, {len(rows)} in the run, {progress.elapsed_s:.1f}s -> {cfg.output}", flush=True)
+    cost_controls.check_budget(cfg, attempt)  # BudgetReached when budget_usd stopped rows
     return attempt
 
 
@@ -268,20 +270,31 @@ def _rows_mismatch(stored: list[dict], cfg: GenerateConfig) -> str | None:
     return None
 
 
-def _run(cfg: GenerateConfig, todo: list[dict], store: RunStore, lease: Lease, progress: Progress) -> None:
-    """Run the pipeline over `todo`, writing rows as the MethodStage actors send them and as batches come out."""
+def _run(cfg: GenerateConfig, todo: list[dict], store: RunStore, lease: Lease, progress: Progress, meta: dict) -> dict:
+    """Run the pipeline over `todo`, writing rows as the MethodStage actors send them and as batches come out;
+    returns what the attempt spent (and the budget's summary). A batch-mode run goes by rounds (batch_rounds.py)."""
     from ray.util.queue import Queue
 
+    spent_before = cost_controls.run_spend(store.read_rows())
+    if uses_batch_api(cfg):
+        writer = RowWriter(store, lease, progress, None, None)  # the rounds score their rows
+        budget = run_rounds(cfg, todo, writer, meta, lambda: (lease.check(), store.write_meta(meta)),
+                            method_options(cfg), spent_before)
+        writer.close()
+        return cost_controls.spend_summary(store, spent_before, {"budget": budget})
+    controls = cost_controls.start(cfg, spent_before)  # shared rate limits, the budget's ledger
     has_models = any(not isinstance(getattr(cfg, role), ReferenceModel) for role in STRATEGIES[cfg.strategy].roles)
     sink = Queue(actor_options={"num_cpus": 0}) if has_models else None
     writer = RowWriter(store, lease, progress, scorer(cfg.task) if cfg.strategy != "decompose" else None, sink)
     try:
-        for batch in build_dataset(cfg, todo, sink).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in build_dataset(cfg, todo, sink, controls).iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.batch_done(batch)
     finally:
         writer.close()  # what the actors finished is written even when the pipeline failed
         if sink is not None:
             ray.kill(sink.actor)
+        seen = cost_controls.stop(controls)
+    return cost_controls.spend_summary(store, spent_before, seen)
 
 
 class RowWriter:

@@ -22,8 +22,7 @@ import copy
 import pyarrow as pa
 
 from dnc_ray.config import HFModel, OpenAIModel
-from dnc_ray.llm import make_engine
-from dnc_ray.llm.chat_model import ChatModel
+from dnc_ray.stages.cost_controls import chat_models
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.method.row import to_table
 
@@ -42,9 +41,10 @@ def is_unfinished(row: dict) -> bool:
 class MethodStage:
     """Callable class for `Dataset.map_batches`: the models are built once per actor."""
 
-    def __init__(self, strategy: str, models: dict[str, HFModel | OpenAIModel], options: MethodOptions, sink=None):
+    def __init__(self, strategy: str, models: dict[str, HFModel | OpenAIModel], options: MethodOptions, sink=None,
+                 controls=None):
         self.strategy = STRATEGIES[strategy]
-        self.models = {role: ChatModel(cfg, make_engine(cfg)) for role, cfg in models.items()}
+        self.models = chat_models(models, controls)  # controls: the run's shared rate limits and budget
         self.options = options
         self.sink = sink  # ray.util.queue.Queue of row lists, drained and written by the driver; None: no sends
         self._pending: list[dict] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import json
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import ScriptedTeacher, question_of
 from dnc_ray.config import GenerateConfig, TaskConfig
 from dnc_ray.evaluate import evaluate_run
 from dnc_ray.infra.store import RunStore
+from dnc_ray.llm.dtype import device_caps
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.stages.generate import run_generate
 from dnc_ray.tasks import load_rows
@@ -106,6 +108,9 @@ def test_reference_decomposer_with_local_hf_solver(ray_local, tmp_path):
     assert first["subquestions"][0] == "How many eggs does Janet sell?"
     assert all(r["solver"] == "tiny-random-smollm2" and r["decomposer"] == "gsm8k-socratic-reference" for r in rows)
     assert all(0 < r["usage"]["solve"]["completion_tokens"] <= 8 for r in rows)
+    # dtype auto, resolved where the actors run and recorded: bf16 on a CPU with AVX512-BF16 or AMX
+    [attempt] = json.loads((tmp_path / "run" / "run.json").read_text())["attempts"]
+    assert attempt["dtype"] == {"solver": "bfloat16" if device_caps().cpu_bf16 else "float32"}
 
 
 def test_failed_rows_are_kept_then_retried_alone(ray_local, tmp_path):

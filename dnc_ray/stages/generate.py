@@ -26,12 +26,13 @@ from ray.util.queue import Empty as SinkEmpty
 
 from dataclasses import replace
 
-from dnc_ray.config import ConfigError, GenerateConfig, OpenAIModel, ReferenceModel, RowsFailed, failed_rows_allowed
+from dnc_ray.config import ConfigError, GenerateConfig, HFModel, OpenAIModel, ReferenceModel, RowsFailed, failed_rows_allowed
 from dnc_ray.infra import storage
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.infra.lease import Lease
 from dnc_ray.infra.progress import Progress
 from dnc_ray.infra.store import DamagedRunRecord, RunStore
+from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.method import STRATEGIES, MethodOptions
 from dnc_ray.stages import cost_controls
 from dnc_ray.stages.batch_rounds import run_rounds, uses_batch_api
@@ -195,6 +196,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
         meta["attempts"].append(attempt)
         lease.check()
         store.write_meta(meta)
+        if todo and not uses_batch_api(cfg):
+            attempt["dtype"] = local_model_dtypes(cfg)
         progress = Progress("generate", len(todo), cfg.progress_interval_s)
         spend = _run(cfg, todo, store, lease, progress, meta) if todo else {}
         merged = store.compact()  # rows written as they finished: many small parts
@@ -208,6 +211,20 @@ def run_generate(cfg: GenerateConfig) -> dict:
           f"earlier, {len(rows)} in the run, {progress.elapsed_s:.1f}s -> {cfg.output}", flush=True)
     cost_controls.check_budget(cfg, attempt)  # BudgetReached when budget_usd stopped rows
     return attempt
+
+
+def local_model_dtypes(cfg: GenerateConfig) -> dict[str, str]:
+    """The dtype each local (hf) model of the run loads in (`auto` resolved), found by a Ray task with the
+    model's GPUs, so on the kind of worker its actors run on."""
+    models = {role: getattr(cfg, role) for role in STRATEGIES[cfg.strategy].roles}
+    found = {role: _dtype_on_a_worker.options(num_gpus=m.num_gpus or None).remote(m.dtype, m.device)
+             for role, m in models.items() if isinstance(m, HFModel)}
+    return {role: ray.get(ref) for role, ref in found.items()}
+
+
+@ray.remote(num_cpus=0)
+def _dtype_on_a_worker(requested: str, device: str) -> str:
+    return resolve_dtype(requested, device, device_caps())
 
 
 def _now() -> str:

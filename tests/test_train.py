@@ -1,5 +1,7 @@
-"""Training: rows -> tokens (no Ray), bad input refused before any worker starts, and real Ray Train +
-DeepSpeed runs on CPU with the tiny random SmolLM2 (ZeRO-2, ZeRO-3, resume, LoRA, a killed worker).
+"""Training: rows -> tokens and batches (no Ray), the step arithmetic, bad input refused before any worker
+starts, and real Ray Train + DeepSpeed runs on CPU with the tiny random SmolLM2 (ZeRO-2, ZeRO-3, resume,
+LoRA, a killed worker, and one run with validation, keep_best, early stopping, packing, gradient
+checkpointing, TensorBoard and offline W&B).
 
 The first DeepSpeed run on a machine JIT-builds DeepSpeed's CPU ops (~1-3 min, cached afterwards).
 """
@@ -26,7 +28,17 @@ from dnc_ray.config import ConfigError, HFModel, TrainConfig, load_config
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.models import TINY_RANDOM, ModelRefError, resolve_model
 from dnc_ray.train import TrainSetError
-from dnc_ray.train.data import IGNORE, PadBatch, check_train_set, encode, tokenize_batch
+from dnc_ray.method.prompts import decompose_messages
+from dnc_ray.train.data import (
+    IGNORE,
+    PackBatch,
+    PadBatch,
+    check_train_set,
+    encode,
+    eval_prompts,
+    held_out_ids,
+    tokenize_batch,
+)
 
 INSTRUCTION = "Break the question into at most three sub-questions, one per line.\nQuestion: "
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
@@ -123,13 +135,95 @@ def test_pad_batch(tokenizer):
 
 
 
-def test_total_steps_from_epochs():
-    from dnc_ray.train.recipe import total_steps
+def test_packing_gives_the_loss_of_padding_without_padded_tokens(tokenizer):
+    """The same rows padded and packed: one loss (per-row attention and positions), no padding when packed."""
+    rows = [encode(tokenizer, row(i, question=QUESTION * n)["prompt"], TARGET * n, 512)[:2]
+            for i, n in enumerate((1, 3, 2))]
+    batch = {"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]}
+    padded, packed = PadBatch(tokenizer.pad_token_id)(batch), PackBatch()(batch)
+    lengths = [len(ids) for ids, _ in rows]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert padded["input_ids"].numel() - sum(lengths) == 2 * max(lengths) - lengths[0] - lengths[2] > 0
 
-    cfg = train_config(Path("set.parquet"), Path("out"), max_steps=None, epochs=2)
-    assert total_steps(cfg, rows=13) == 6  # 6 rows per worker, 3 batches of 2, 2 passes
-    assert total_steps(cfg.model_copy(update={"gradient_accumulation_steps": 2}), rows=13) == 4
-    assert total_steps(cfg.model_copy(update={"max_steps": 5}), rows=13) == 5
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY_RANDOM))
+    model.config.use_cache = False  # as the recipe trains: a cache hides the row boundaries from the mask
+    with torch.no_grad():
+        assert model(**packed).loss.item() == pytest.approx(model(**padded).loss.item(), rel=1e-5)
+        crossing = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss.item()  # no position ids
+        assert crossing != pytest.approx(model(**padded).loss.item(), rel=1e-5)  # rows attending across rows
+
+
+def test_steps_from_num_epochs_and_global_batch_size():
+    """13 rows, 2 workers: 6 rows each (Ray Data splits equally), 3 micro-batches of 2 per epoch."""
+    from dnc_ray.train.recipe import plan_steps
+
+    cfg = train_config(Path("set.parquet"), Path("out"), max_steps=None, num_epochs=2)
+    assert plan_steps(cfg, rows=13) == {"steps": 6, "accumulation": 1, "batches_per_pass": 3, "passes": 2}
+    # 8 rows a step = 2 workers x 2 rows x 2 micro-batches: 2 epochs of 3 micro-batches are 3 steps
+    cfg8 = cfg.model_copy(update={"global_batch_size": 8})
+    assert cfg8.accumulation_steps == 2
+    assert plan_steps(cfg8, rows=13) == {"steps": 3, "accumulation": 2, "batches_per_pass": 3, "passes": 2}
+    assert plan_steps(cfg8.model_copy(update={"num_epochs": 3}), rows=13)["steps"] == 5  # 9 micro-batches: 4.5 steps
+    assert plan_steps(cfg.model_copy(update={"max_steps": 5}), rows=13)["steps"] == 5
+    with pytest.raises(ValueError, match="global_batch_size 10 is not a multiple of num_workers x per_worker_batch_size"):
+        train_config(Path("s"), Path("o"), global_batch_size=10)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 4 disagrees with global_batch_size 8"):
+        train_config(Path("s"), Path("o"), global_batch_size=8, gradient_accumulation_steps=4)
+
+
+def test_eval_fraction_holds_out_whole_questions():
+    ids = [f"q{i}" for i in range(20) for _ in range(3)]  # S_D-R: several decompositions per question
+    held = held_out_ids(ids, 0.1, seed=0)
+    assert len(held) == 2 and set(held) < set(ids) and held == held_out_ids(ids, 0.1, seed=0)
+    assert held != held_out_ids(ids, 0.1, seed=1) or held != held_out_ids(ids, 0.1, seed=2)
+    assert len(held_out_ids(ids, 0.01, seed=0)) == 1  # at least one question
+    with pytest.raises(TrainSetError, match="leaves none to train on"):
+        held_out_ids(["q0", "q0"], 0.5, seed=0)
+
+
+def test_eval_prompts_take_the_cap_from_the_instruction():
+    rows = {"id": ["b", "a", "c", "a2"], "task": ["gsm8k", "bamboogle", "gsm8k", "bamboogle"],
+            "prompt": [decompose_messages("Q1?", None, 3), decompose_messages("Q2?", None, 2),
+                       [{"role": "user", "content": "Own wording: Q3?"}], decompose_messages("Q2?", None, 2)]}
+    prompts = eval_prompts(rows, count=3)
+    assert [p["max_subquestions"] for p in prompts] == [2, 3, 3]  # by id: a, (a2: the same prompt), b, c
+    assert prompts[0]["messages"] == rows["prompt"][1] and prompts[2]["messages"] == rows["prompt"][2]
+    assert len(eval_prompts(rows, count=1)) == 1
+
+
+def test_best_evaluation_and_patience():
+    from dnc_ray.train.recipe import best_evaluation, stopped_early
+
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.0, "eval_parse_rate": 0.5},
+               {"step": 4, "eval_loss": 1.5, "eval_parse_rate": 0.5}, {"step": 6, "eval_loss": 1.5, "eval_parse_rate": 0.25},
+               {"step": 8, "eval_loss": 1.7, "eval_parse_rate": 0.75}]
+    assert best_evaluation(history, "eval_loss", greater=False) == (4, 1.5, 2)  # an equal one is no improvement
+    assert best_evaluation(history, "eval_parse_rate", greater=True) == (8, 0.75, 0)
+    assert best_evaluation(history[:1], "eval_loss", greater=False) == (None, None, 0)
+    cfg = train_config(Path("s"), Path("o"), eval_fraction=0.2, keep_best="eval_loss", patience=2)
+    assert stopped_early(cfg, history) and not stopped_early(cfg, history[:4])
+    assert not stopped_early(cfg.model_copy(update={"patience": 3}), history)
+
+
+def test_best_checkpoint_found_in_storage_without_optimizer_state(tmp_path):
+    """After a restart the best checkpoint may be only in the output: its model files are copied, not DeepSpeed's."""
+    from dnc_ray.train.recipe import find_checkpoint
+
+    for name, step in (("checkpoint_a", 4), ("checkpoint_b", 8)):
+        folder = tmp_path / "out" / "checkpoints" / name / "checkpoint"
+        (folder / f"global_step{step}").mkdir(parents=True)
+        (folder / f"global_step{step}" / "optim_states.pt").write_text("big")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "model.safetensors").write_text(f"weights {step}")
+    (tmp_path / "work" / "checkpoint-8").mkdir(parents=True)
+    assert find_checkpoint(8, str(tmp_path / "work"), str(tmp_path / "out"), str(tmp_path)) == str(tmp_path / "work" / "checkpoint-8")
+    found = Path(find_checkpoint(4, str(tmp_path / "work"), str(tmp_path / "out"), str(tmp_path / "scratch")))
+    assert sorted(p.name for p in found.iterdir()) == ["model.safetensors", "trainer_state.json"]
+    assert (found / "model.safetensors").read_text() == "weights 4"
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 6"):
+        find_checkpoint(6, str(tmp_path / "work"), str(tmp_path / "out"), str(tmp_path / "scratch"))
+
 
 # ---------------------------------------------------------------- bad input: refused before any worker starts
 
@@ -164,6 +258,13 @@ def test_train_set_problems_name_the_file(tmp_path):
         ("variant: sd-t\ndeepspeed: {zero_stage: 4}", "line 4, field `deepspeed.zero_stage`: Input should be less"),
         ("variant: sd-t\ndeepspeed: {offload_optimizer: true}", "offload_optimizer moves GPU optimizer state to CPU"),
         ("variant: sd-x", "line 3, field `variant`: Input should be 'sd-t', 'sd-r', 'se-t' or 'se-a'"),
+        ("variant: sd-t\nkeep_best: eval_loss", "keep_best need(s) an evaluation: set eval_set or eval_fraction"),
+        ("variant: sd-t\neval_set: e.parquet\neval_fraction: 0.1", "set either eval_set or eval_fraction, not both"),
+        ("variant: se-t\neval_fraction: 0.1\nkeep_best: parse_rate", "keep_best parse_rate needs a decomposer set"),
+        ("variant: sd-t\neval_fraction: 0.1\npatience: 3", "patience counts evaluations without a new best"),
+        ("variant: sd-t\neval_fraction: 0.1\nexport: best", "export best needs keep_best"),
+        ("variant: sd-t\neval_fraction: 0.9", "line 4, field `eval_fraction`: Input should be less than or equal to 0.5"),
+        ("variant: sd-t\nepochs: 3", "line 4, field `epochs`: Extra inputs are not permitted"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, settings, message):
@@ -196,6 +297,18 @@ def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch):
 def test_example_config_loads():
     cfg = load_config(Path(__file__).parents[1] / "jobs/configs/train-smollm2-sdt.yaml", TrainConfig)
     assert cfg.deepspeed.zero_stage == 2 and cfg.num_workers == 2 and not cfg.use_gpu
+
+
+def test_paper_gpu_config_is_the_papers_setting():
+    """Batch 128 (accumulation derived), lr 2e-5, 5 epochs, 8 GPUs, ZeRO-3 bf16, with validation and the best kept."""
+    from dnc_ray.train.recipe import plan_steps
+
+    cfg = load_config(Path(__file__).parents[1] / "jobs/configs/train-paper-sdr-gpu.yaml", TrainConfig)
+    assert (cfg.global_batch_size, cfg.lr, cfg.num_epochs, cfg.num_workers) == (128, 2e-5, 5, 8)
+    assert cfg.accumulation_steps == 4 and cfg.variant == "sd-r" and cfg.use_gpu
+    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (3, "bf16")
+    assert cfg.packing and cfg.gradient_checkpointing and cfg.evaluates and cfg.exports == "best"
+    assert plan_steps(cfg, rows=12800)["steps"] == 500  # 100 steps an epoch
 
 
 @pytest.mark.timeout(120)
@@ -260,7 +373,7 @@ def assert_exported(model_dir: Path, learned: str = "How many") -> None:
     assert after.keys() == before.keys()
     assert any(not torch.equal(after[k], before[k]) for k in after)
 
-    engine = HFEngine(HFModel(engine="hf", model=str(model_dir)))
+    engine = HFEngine(HFModel(engine="hf", model=str(model_dir), dtype="float32"))  # exact output: no bf16
     [completion] = engine.generate([row(0)["prompt"]], SamplingParams(max_tokens=24))
     assert completion.error is None and completion.completion_tokens > 0
     assert completion.text.startswith(learned)  # it learned the repeated decomposition
@@ -316,6 +429,86 @@ def test_lora_exports_a_merged_plain_model(ray_local, tmp_path):
     assert {k for k in merged if not torch.equal(merged[k], base[k])} == {
         f"model.layers.{i}.{m}.weight" for i in range(2) for m in linear
     }
+
+
+@pytest.fixture(scope="module")
+def validated(ray_local, tmp_path_factory):
+    """One run for validation, keep_best, patience, packing, gradient checkpointing, epochs, TensorBoard and W&B.
+
+    Built so that the eval loss falls, then rises: the eval rows' target is not the one trained on, and a
+    high learning rate soon makes the model sure of the trained target. Every training row is the same, so
+    the run does not depend on the order of the rows.
+    """
+    from dnc_ray.train.recipe import run_train
+
+    tmp = tmp_path_factory.mktemp("validated")
+    eval_set = write_set(tmp / "eval.parquet", [row(100 + i, target="No decomposition") for i in range(4)])
+    cfg = train_config(
+        repeated_set(tmp), tmp / "out", max_steps=None, num_epochs=6, global_batch_size=8, lr=0.1,
+        eval_set=str(eval_set), eval_every_steps=1, eval_generations=2, keep_best="eval_loss", patience=2,
+        checkpoint_every_steps=4, keep_checkpoints=1, packing=True, gradient_checkpointing=True,
+        wandb={"project": "dnc-tests", "mode": "offline"},
+    )
+    return cfg, run_train(cfg)
+
+
+@pytest.mark.timeout(900)
+def test_num_epochs_and_global_batch_size_plan_the_run(validated):
+    cfg, summary = validated
+    # 12 rows, 2 workers: 6 rows each, 3 micro-batches of 2 an epoch; 8 rows a step: accumulation 2;
+    # 6 epochs of 3 micro-batches: 9 steps
+    assert (summary["planned_steps"], summary["gradient_accumulation_steps"], summary["global_batch_size"]) == (9, 2, 8)
+    assert summary["num_epochs"] == 6 and summary["eval_rows"] == 4
+    steps = metrics(Path(cfg.output))
+    assert [s["epoch"] for s in steps[:3]] == [pytest.approx(2 / 3, abs=1e-3), pytest.approx(4 / 3, abs=1e-3), 2.0]
+    assert all(s["padding_share"] == 0.0 for s in steps)  # packed: not a padded token
+    assert all(s["train_tokens_per_second"] > 0 and s["peak_memory_gib"] > 0.1 for s in steps)
+
+
+def test_eval_metrics_in_metrics_jsonl_and_tensorboard(validated):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, summary = validated
+    steps = metrics(Path(cfg.output))
+    assert [s["step"] for s in steps] == list(range(1, summary["steps"] + 1))  # one line per step
+    assert all({"loss", "eval_loss", "eval_parse_rate", "eval_tokens"} <= s.keys() for s in steps)  # eval every step
+    assert all(0 <= s["eval_parse_rate"] <= 1 and s["eval_tokens"] == 16 for s in steps)  # 4 x "No decomposition<|im_end|>\n"
+    assert summary["eval_loss"] == steps[-1]["eval_loss"]
+
+    events = EventAccumulator(str(Path(cfg.output) / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert {"train/loss", "train/learning_rate", "train/train_tokens_per_second", "train/peak_memory_gib",
+            "train/padding_share", "eval/loss", "eval/parse_rate"} <= scalars.keys()
+    assert [(step, pytest.approx(value, rel=1e-5)) for step, value in scalars["eval/loss"]] == \
+        [(s["step"], s["eval_loss"]) for s in steps]
+    assert [step for step, _ in scalars["train/loss"]] == [s["step"] for s in steps]
+
+
+def test_keep_best_exports_the_best_checkpoint_and_patience_stops(validated):
+    from safetensors.torch import load_file
+
+    cfg, summary = validated
+    losses = [s["eval_loss"] for s in metrics(Path(cfg.output))]
+    best = losses.index(min(losses)) + 1
+    # the run as built: a best evaluation, then two worse ones (patience 2), before the 9 planned steps
+    assert summary["best_step"] == best and summary["steps"] == best + 2 < summary["planned_steps"]
+    assert summary["best_eval_loss"] == min(losses) and summary["stopped_early"]
+    assert (summary["exported"], summary["exported_step"]) == ("best", best)
+    # Ray Train keeps the best checkpoint (keep_checkpoints 1) and the latest
+    kept = dict(checkpoint_steps(Path(cfg.output)))
+    assert sorted(kept) == [best, summary["steps"]]
+    exported = load_file(Path(summary["model"]) / "model.safetensors")
+    for step, same in ((best, True), (summary["steps"], False)):
+        saved = load_file(kept[step] / "checkpoint" / "model.safetensors")
+        assert all(torch.equal(exported[k], saved[k]) for k in saved) == same, step
+    assert json.loads((Path(summary["model"]) / "config.json").read_text())["use_cache"] is True
+
+
+def test_wandb_offline_run_is_written(validated):
+    cfg, _ = validated
+    [run] = (Path(cfg.output) / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"eval/loss" in run.read_bytes() and b"train/loss" in run.read_bytes()
 
 
 def train_workers() -> list[psutil.Process]:

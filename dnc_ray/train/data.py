@@ -7,24 +7,37 @@ prompt.
 
 Truncation: the prompt is kept whole and the target is cut at `max_length` tokens; a row whose
 prompt alone fills `max_length` is dropped (nothing left to learn). Both counts are printed.
+
+Batches: PadBatch right-pads each micro-batch to its longest row; PackBatch (packing: true) puts the
+rows end to end in one sequence with no padding, position ids restarting at every row (Transformers'
+DataCollatorWithFlattening), from which Transformers builds a mask that keeps attention within each row.
+
+Evaluation: `eval_fraction` holds out a share of the question ids (every row of an id on one side: an
+S_D-R set holds several decompositions per question); `eval_prompts` picks the fixed handful of prompts
+whose greedy generations give the parse rate.
 """
 
 from __future__ import annotations
 
 import functools
+import random
+import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, DataCollatorWithFlattening, PreTrainedTokenizerBase
 
 from dnc_ray.infra import storage
 from dnc_ray.llm.engine import Messages
 from dnc_ray.llm.models import resolve_model
+from dnc_ray.method.prompts import DECOMPOSE_INSTRUCTION
+from dnc_ray.tasks import TASKS
 from dnc_ray.train import TrainSetError
 
 COLUMNS = ("id", "task", "variant", "prompt", "target")
@@ -100,22 +113,68 @@ def tokenize_batch(batch: pa.Table, model: str, max_length: int) -> pa.Table:
     )
 
 
-def tokenized_dataset(uri: str, model: str, max_length: int, seed: int) -> tuple[ray.data.Dataset, dict]:
+def read_rows(uri: str, columns: list[str]) -> dict[str, list]:
+    """Columns of every row of the set (a file or a folder of Parquet files), as lists."""
+    fs, path = storage.filesystem(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs).to_pydict()
+
+
+def held_out_ids(ids: list[str], fraction: float, seed: int) -> list[str]:
+    """The question ids held out for evaluation: `fraction` of the distinct ids (at least one), drawn with `seed`."""
+    distinct = sorted(set(ids))
+    count = max(1, round(fraction * len(distinct)))
+    if count >= len(distinct):
+        raise TrainSetError(f"eval_fraction {fraction} of {len(distinct)} question id(s) leaves none to train on")
+    return sorted(random.Random(seed).sample(distinct, count))
+
+
+def select_ids(batch: pa.Table, ids: list[str], keep: bool) -> pa.Table:
+    """Ray Data map_batches: the rows whose id is in `ids` (keep) or not in it."""
+    inside = pc.is_in(batch["id"], value_set=pa.array(ids, batch.schema.field("id").type))
+    return batch.filter(inside if keep else pc.invert(inside))
+
+
+def tokenized_dataset(
+    uri: str, model: str, max_length: int, seed: int, ids: list[str] | None = None, keep: bool = False
+) -> tuple[ray.data.Dataset, dict]:
     """The set tokenized, shuffled and materialized in the object store, and its row counts.
 
-    Workers read it as it is (PadBatch takes input_ids and labels): no further Ray Data task
-    needs a CPU while the training workers hold theirs.
+    `ids`: only the rows with these ids (keep) or all but them. Workers read the dataset as it is
+    (PadBatch or PackBatch take input_ids and labels): no further Ray Data task needs a CPU while the
+    training workers hold theirs.
     """
+    ds = ray.data.read_parquet(storage.absolute(uri)).select_columns(["id", "prompt", "target"])
+    if ids is not None:
+        ds = ds.map_batches(select_ids, fn_kwargs={"ids": ids, "keep": keep}, batch_format="pyarrow")
     ds = (
-        ray.data.read_parquet(storage.absolute(uri))
-        .select_columns(["prompt", "target"])
-        .map_batches(tokenize_batch, fn_kwargs={"model": model, "max_length": max_length}, batch_format="pyarrow")
+        ds.map_batches(tokenize_batch, fn_kwargs={"model": model, "max_length": max_length}, batch_format="pyarrow")
         .random_shuffle(seed=seed)
         .materialize()
     )
     used = ds.count()
     counts = {"used": used, "truncated": int(ds.sum("truncated") or 0) if used else 0}
     return ds, counts
+
+
+_MAX_SUBQUESTIONS = re.compile(re.escape(DECOMPOSE_INSTRUCTION).replace(re.escape("{max_subquestions}"), r"(\d+)"))
+
+
+def eval_prompts(rows: dict[str, list], count: int) -> list[dict]:
+    """The first `count` distinct prompts by id, each with the most sub-questions its reply may hold to parse.
+
+    The cap is read from the decomposition instruction in the prompt (the set was built with it), else the
+    task's default (2 on Bamboogle, 3 elsewhere).
+    """
+    prompts, seen = [], set()
+    for _, task, prompt in sorted(zip(rows["id"], rows["task"], rows["prompt"]), key=lambda r: str(r[0])):
+        key = repr(prompt)
+        if key in seen or len(prompts) == count:
+            continue
+        seen.add(key)
+        match = _MAX_SUBQUESTIONS.search(prompt[-1]["content"])
+        cap = int(match.group(1)) if match else (TASKS[task].rules.max_subquestions if task in TASKS else 3)
+        prompts.append({"messages": prompt, "max_subquestions": cap})
+    return prompts
 
 
 class PadBatch(NumpyBatchCollateFn):
@@ -132,3 +191,24 @@ class PadBatch(NumpyBatchCollateFn):
             "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE),
             "attention_mask": pad_sequence([torch.ones_like(x) for x in ids], batch_first=True),
         }
+
+
+class PackBatch(NumpyBatchCollateFn):
+    """Ray Data collate_fn, padding-free: the rows end to end in one [1, total] sequence (no attention_mask).
+
+    Position ids restart at 0 on every row; Transformers finds the row boundaries from them and keeps
+    attention within each row (a block-diagonal causal mask with sdpa or eager, variable-length kernels
+    with flash attention). The first label of every row is -100, so no row learns from the one before;
+    the model must run with use_cache off, or the mask is built without the boundaries.
+    """
+
+    def __init__(self):
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
+        return self.flatten(rows, return_tensors="pt")
+
+
+def collate_fn(packing: bool, pad_id: int) -> NumpyBatchCollateFn:
+    return PackBatch() if packing else PadBatch(pad_id)

@@ -1,36 +1,52 @@
 """`dnc train`: supervised fine-tuning of a student on a distilled training set, on Ray Train + DeepSpeed.
 
-    driver   check config, model reference and training set -> tokenize with Ray Data
-             -> TorchTrainer(num_workers), each worker reading its own shard of the set
+    driver   check config, model reference, training (and eval) set -> tokenize with Ray Data (an
+             `eval_fraction` of the question ids held out) -> plan the steps -> TorchTrainer(num_workers),
+             each worker reading its own shard of the sets
     worker   a Transformers Trainer whose TrainingArguments carry the DeepSpeed config (Ray's own
-             DeepSpeed fine-tuning route: the Trainer brings gradient accumulation, the schedule
-             and ZeRO checkpoint save/load); rank 0 exports the final model
+             DeepSpeed fine-tuning route: the Trainer brings gradient accumulation, the schedule,
+             gradient checkpointing and ZeRO checkpoint save/load); every `eval_every_steps` all workers
+             evaluate (eval loss over their shards, greedy generations of a few eval prompts for the
+             parse rate); rank 0 logs to TensorBoard (and W&B) and exports the best or the last model
 
 Output folder (a path or URI):
-    checkpoints/checkpoint_*/checkpoint/   Transformers + DeepSpeed state, every N steps; `resume_from`
-                                           takes one of these. Running the same config again continues
-                                           from the latest one, and so does a run restarted after a
-                                           worker failure (FailureConfig(max_failures)).
-    metrics.jsonl                          one line per step (loss, learning_rate, tokens/s, elapsed,
-                                           rank 0's peak memory), rewritten at every checkpoint and at the end
-    model/                                 the final model as a plain Transformers folder (ZeRO-3
+    checkpoints/checkpoint_*/checkpoint/   Transformers + DeepSpeed state, every N steps (with keep_best also
+                                           at each new best); `resume_from` takes one of these. Running the
+                                           same config again continues from the latest one, and so does a run
+                                           restarted after a worker failure (FailureConfig(max_failures)).
+    metrics.jsonl                          one line per step (loss, learning_rate, tokens/s, padding share,
+                                           rank 0's peak memory, eval metrics on evaluation steps), rewritten
+                                           at every checkpoint and at the end
+    tensorboard/                           event files: train/* and eval/* scalars per step
+    wandb/                                 W&B run files (when `wandb` is set)
+    model/                                 the best or last model as a plain Transformers folder (ZeRO-3
                                            shards gathered, LoRA merged), chat template included
+
+Steps: an optimizer step takes num_workers x per_worker_batch_size x accumulation rows (global_batch_size);
+each worker reads its equal share of the rows in ceil(share / per_worker_batch_size) micro-batches per
+epoch, and the run takes max_steps, else ceil(num_epochs x micro-batches / accumulation) steps. The
+workers read their shards as one stream of epochs, so an accumulation may span two epochs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import resource
+import shutil
 import tempfile
 
 import deepspeed
 import peft
+import pyarrow.fs as pafs
 import ray.train
 import torch
+import torch.distributed as dist
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -39,8 +55,9 @@ from ray.train import (
     RunConfig,
     ScalingConfig,
 )
-from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+from ray.train.huggingface.transformers import RayTrainReportCallback
 from ray.train.torch import TorchTrainer
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -49,20 +66,26 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from dnc_ray.config import ConfigError, TrainConfig
 from dnc_ray.infra import storage
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm.models import resolve_model
+from dnc_ray.method.prompts import parse_subquestions
 from dnc_ray.train import TrainSetError
 from dnc_ray.train.data import (
-    PadBatch,
+    IGNORE,
     check_train_set,
+    collate_fn,
+    eval_prompts,
+    held_out_ids,
     load_tokenizer,
+    read_rows,
     tokenized_dataset,
 )
 
@@ -73,6 +96,8 @@ SCHEDULES = {
     "cosine": {"type": "WarmupCosineLR", "params": {}},
     "linear": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto"}},
 }
+EVAL_NEW_TOKENS = 128  # per greedy generation of the parse rate: a few sub-questions of a few dozen tokens
+SCORE = "checkpoint_score"  # what Ray Train ranks checkpoints by with keep_best
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -101,24 +126,33 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     }
 
 
-def training_args(cfg: TrainConfig, steps: int, work_dir: str) -> TrainingArguments:
+def training_args(cfg: TrainConfig, plan: dict, work_dir: str) -> TrainingArguments:
+    evaluates = plan["eval_rows"] > 0
     return TrainingArguments(
         output_dir=work_dir,  # this worker's local checkpoints; RayTrainReportCallback persists them
         deepspeed=deepspeed_config(cfg),
         use_cpu=not cfg.use_gpu,
         bf16=cfg.deepspeed.precision == "bf16",
-        max_steps=steps,
+        max_steps=plan["steps"],
         per_device_train_batch_size=cfg.per_worker_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=plan["accumulation"],
+        activation_checkpointing=cfg.gradient_checkpointing,  # Transformers' new name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # below 1: a share of max_steps
         seed=cfg.seed,
         logging_steps=1,
+        eval_strategy="steps" if evaluates else "no",
+        eval_steps=cfg.eval_interval if evaluates else None,
+        # The best checkpoint is kept locally beside the latest one (the export reads it from here when it can)
+        metric_for_best_model=cfg.best_metric if evaluates else None,
+        greater_is_better=cfg.keep_best == "parse_rate" if cfg.keep_best else None,
         save_strategy="steps",
         save_steps=cfg.checkpoint_every_steps,
-        save_total_limit=1,
-        include_num_input_tokens_seen="non_padding",
+        save_total_limit=2 if cfg.keep_best else 1,  # the best one and the latest
+        # Packed batches hold no padding at all; padded ones count their attention mask.
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
         # A resumed run starts a fresh pass over its shard: skipping batches of a stream with no
         # length could run past its end and stop training early.
         ignore_data_skip=True,
@@ -127,19 +161,161 @@ def training_args(cfg: TrainConfig, steps: int, work_dir: str) -> TrainingArgume
     )
 
 
+class Passes(IterableDataset):
+    """A worker's shard of a Ray dataset read `passes` times in a row, as one stream of collated batches."""
+
+    def __init__(self, shard, passes: int, batch_size: int, collate):
+        super().__init__()
+        self.shard, self.passes, self.batch_size, self.collate = shard, passes, batch_size, collate
+
+    def __iter__(self):
+        for _ in range(self.passes):
+            yield from self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate)
+
+
+class StudentTrainer(Trainer):
+    """The Trainer reading Ray Data shards, counting padding, evaluating loss per target token and the parse rate."""
+
+    def __init__(self, *args, plan: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+        self.seen = torch.zeros(2, dtype=torch.float64)  # tokens in this session's batches on this worker, padding among them
+
+    def get_train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=None)  # the shard yields whole batches
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self.eval_dataset
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        self.seen += torch.tensor([ids.numel(), 0 if mask is None else ids.numel() - int(mask.sum())], dtype=torch.float64)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Every log: the epoch in passes over the data; a training log also the padding share and peak memory."""
+        self.state.epoch = round(self.state.global_step * self.plan["accumulation"] / self.plan["batches_per_pass"], 4)
+        if "loss" in logs:
+            tokens, padding = all_reduce(self.seen.clone(), self.args.device).tolist()  # every rank logs at this step
+            logs["padding_share"] = round(padding / tokens, 4) if tokens else 0.0
+            logs["peak_memory_gib"] = peak_memory_gib()  # this worker's: rank 0's is the one kept
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval") -> EvalLoopOutput:
+        """Loss per target token over every worker's eval shard, and (decomposer sets) the parse rate."""
+        model = self.model_wrapped  # the DeepSpeed engine: a ZeRO-3 forward needs it
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64)  # summed loss, target tokens, rows
+        with torch.no_grad():
+            for batch in dataloader:
+                batch = self._prepare_inputs(batch)
+                targets = int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss is their mean
+                rows = batch["attention_mask"].shape[0] if "attention_mask" in batch else int((batch["position_ids"] == 0).sum())
+                totals += torch.tensor([model(**batch).loss.item() * targets, targets, rows], dtype=torch.float64)
+        loss, targets, rows = all_reduce(totals, self.args.device).tolist()
+        metrics = {f"{metric_key_prefix}_loss": round(loss / targets, 6), f"{metric_key_prefix}_tokens": int(targets)}
+        if self.plan["prompts"]:
+            metrics[f"{metric_key_prefix}_parse_rate"] = self.parse_rate()
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(rows))
+
+    def parse_rate(self) -> float:
+        """Share of greedy replies to the eval prompts that parse into 1..max sub-questions.
+
+        Every worker generates the same prompts (under ZeRO-3 each forward needs all of them; the
+        generation synchronises them); rank 0's share is the one every worker returns.
+        """
+        tokenizer, prompts = self.processing_class, self.plan["prompts"]
+        texts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in prompts]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        inputs = inputs.to(self.args.device)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=EVAL_NEW_TOKENS, do_sample=False, use_cache=True,
+                                      pad_token_id=tokenizer.pad_token_id)
+        replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        parsed = sum(1 <= len(parse_subquestions(r)) <= p["max_subquestions"] for r, p in zip(replies, prompts))
+        share = torch.tensor([parsed / len(prompts)], dtype=torch.float64, device=self.args.device)
+        if dist.is_initialized():
+            dist.broadcast(share, src=0)
+        return round(share.item(), 4)
+
+
+def all_reduce(values: torch.Tensor, device) -> torch.Tensor:
+    """The sum over every worker (gloo on CPU, NCCL on GPU)."""
+    if not dist.is_initialized():
+        return values
+    values = values.to(device)
+    dist.all_reduce(values)
+    return values.cpu()
+
+
+def best_evaluation(log_history: list[dict], key: str, greater: bool) -> tuple[int | None, float | None, int]:
+    """(step, value) of the best evaluation by `key` (the first of equals), and the evaluations after it."""
+    evals = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+    best = None
+    for i, (step, value) in enumerate(evals):
+        if best is None or (value > best[1] if greater else value < best[1]):
+            best = (step, value, i)
+    if best is None:
+        return None, None, 0
+    return best[0], best[1], len(evals) - 1 - best[2]
+
+
+def stopped_early(cfg: TrainConfig, log_history: list[dict]) -> bool:
+    if not cfg.patience:
+        return False
+    return best_evaluation(log_history, cfg.best_metric, cfg.keep_best == "parse_rate")[2] >= cfg.patience
+
+
+class KeepBest(TrainerCallback):
+    """keep_best: a checkpoint at each new best evaluation; with patience, the stop after that many without one."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        best_step, _, _ = best_evaluation(state.log_history, self.cfg.best_metric, self.cfg.keep_best == "parse_rate")
+        if best_step == state.global_step:
+            control.should_save = True
+        if stopped_early(self.cfg, state.log_history):
+            control.should_training_stop = True
+            control.should_save = True  # the last model, for export: last
+
+
+class ReportCheckpoint(RayTrainReportCallback):
+    """Reports each checkpoint to Ray Train with this step's metrics; with keep_best, its score for the ranking
+    (a checkpoint of a step without an evaluation gets the worst score: kept only while it is the latest)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.key, self.worst = cfg.best_metric, -math.inf if cfg.keep_best == "parse_rate" else math.inf
+
+    def on_save(self, args, state, control, **kwargs):
+        metrics = {"step": state.global_step}
+        for entry in state.log_history:
+            if entry.get("step") == state.global_step:
+                metrics |= entry
+        if self.key:
+            metrics[SCORE] = metrics.get(self.key, self.worst)
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copytree(get_last_checkpoint(args.output_dir), os.path.join(folder, self.CHECKPOINT_NAME))
+            ray.train.report(metrics=metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
 class Progress(TrainerCallback):
     """Every N steps a progress line (rank 0) and a metrics report to Ray Train; rank 0 keeps metrics.jsonl."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, logs: "LogFolder | None" = None):
         self.every = cfg.log_every_steps
         self.metrics = storage.join(cfg.output, "metrics.jsonl")
+        self.logs = logs
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         step = state.global_step
-        if "loss" not in logs:
-            return
-        state.log_history[-1]["peak_memory_gib"] = peak_memory_gib()  # the entry of these logs
-        if step % self.every and step != state.max_steps:
+        if "eval_loss" in logs and state.is_world_process_zero:
+            parse = f"  parse rate {logs['eval_parse_rate']:.2f}" if "eval_parse_rate" in logs else ""
+            logger.info(f"[train] eval at step {step}: loss {logs['eval_loss']:.4f}{parse}")
+        if "loss" not in logs or (step % self.every and step != state.max_steps):
             return
         ray.train.report({**logs, "step": step})  # every rank: a report is a barrier
         if state.is_world_process_zero:
@@ -150,10 +326,57 @@ class Progress(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            steps = [entry for entry in state.log_history if "loss" in entry]
-            storage.write_text(self.metrics, "".join(json.dumps(s) + "\n" for s in steps))
+            storage.write_text(self.metrics, "".join(json.dumps(s) + "\n" for s in step_metrics(state.log_history)))
+            if self.logs:
+                self.logs.sync()
 
     on_train_end = on_save
+
+
+def step_metrics(log_history: list[dict]) -> list[dict]:
+    """One entry per step: its training log merged with its evaluation, if any."""
+    steps: dict[int, dict] = {}
+    for entry in log_history:
+        if "loss" in entry or "eval_loss" in entry:
+            steps.setdefault(entry["step"], {}).update(entry)
+    return [steps[step] for step in sorted(steps)]
+
+
+class LogFolder:
+    """Where rank 0's TensorBoard and W&B files go: the output itself when local, else a local folder
+    copied to the output at every checkpoint and at the end."""
+
+    def __init__(self, output: str):
+        fs, path = storage.filesystem(output)
+        self.output = output
+        self.local = path if isinstance(fs, pafs.LocalFileSystem) else tempfile.mkdtemp(prefix="dnc-train-logs-")
+        self.remote = not isinstance(fs, pafs.LocalFileSystem)
+        os.makedirs(self.local, exist_ok=True)
+
+    def sync(self) -> None:
+        if self.remote:
+            for name in os.listdir(self.local):
+                storage.copy_folder(os.path.join(self.local, name), storage.join(self.output, name))
+
+
+def logging_callbacks(cfg: TrainConfig, logs: LogFolder) -> list[TrainerCallback]:
+    """Rank 0's TensorBoard writer and W&B run (started here with the config, finished after training)."""
+    callbacks = []
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=os.path.join(logs.local, "tensorboard"))))
+    if cfg.wandb:
+        import wandb
+
+        w = cfg.wandb
+        wandb.init(
+            project=w.project, entity=w.entity, name=w.name or os.path.basename(cfg.output.rstrip("/")),
+            mode=w.mode, tags=w.tags, dir=logs.local, config=cfg.model_dump(mode="json"),
+            id=hashlib.sha1(cfg.output.encode()).hexdigest()[:16], resume="allow",  # a restarted run continues it
+        )
+        callbacks.append(WandbCallback())
+    return callbacks
 
 
 def peak_memory_gib() -> float:
@@ -165,31 +388,46 @@ def peak_memory_gib() -> float:
 
 def train_loop_per_worker(config: dict) -> dict | None:
     """One Ray Train worker: fine-tune on this worker's shard; rank 0 exports the model and returns the summary."""
-    cfg = TrainConfig.model_validate(config["cfg"])
+    cfg, plan = TrainConfig.model_validate(config["cfg"]), config["plan"]
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(cfg.model)
+    rank = ray.train.get_context().get_world_rank()
+    logs = LogFolder(cfg.output) if rank == 0 else None
     with tempfile.TemporaryDirectory(prefix="dnc-train-") as work_dir:
-        args = training_args(cfg, config["steps"], work_dir)  # before the model: ZeRO-3 builds it sharded
+        args = training_args(cfg, plan, work_dir)  # before the model: ZeRO-3 builds it sharded
         deepspeed.init_distributed()  # DeepSpeed joins Ray's process group (ZeRO-3 shards while loading)
         model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model))
+        model.config.use_cache = False  # training keeps no cache; with one, packed rows would attend across rows
         if cfg.lora:
             model = peft.get_peft_model(model, lora_config(cfg))
-        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=cfg.per_worker_batch_size, collate_fn=PadBatch(tokenizer.pad_token_id)
-        )
-        callbacks = [Progress(cfg), RayTrainReportCallback()]
-        trainer = prepare_trainer(
-            Trainer(model=model, args=args, train_dataset=batches, processing_class=tokenizer, callbacks=callbacks)
-        )
+        collate = collate_fn(cfg.packing, tokenizer.pad_token_id)
+        batch = cfg.per_worker_batch_size
+        train = Passes(ray.train.get_dataset_shard("train"), plan["passes"], batch, collate)
+        evals = Passes(ray.train.get_dataset_shard("eval"), 1, batch, collate) if plan["eval_rows"] else None
+        callbacks = [Progress(cfg, logs), ReportCheckpoint(cfg)]
+        callbacks += [KeepBest(cfg)] if cfg.keep_best else []
+        callbacks += logging_callbacks(cfg, logs) if logs else []
+        trainer = StudentTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                                 processing_class=tokenizer, callbacks=callbacks, plan=plan)
         trainer.remove_callback(PrinterCallback)  # Progress prints instead
         checkpoint = ray.train.get_checkpoint() or (Checkpoint(cfg.resume_from) if cfg.resume_from else None)
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
             resume = restored and os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
-            if not resume or _state(resume).global_step < args.max_steps:  # a finished run is not trained again
+            if not resume or not finished(cfg, _state(resume), plan["steps"]):  # a finished run is not trained again
                 trainer.train(resume_from_checkpoint=resume)
-            if ray.train.get_context().get_world_rank() == 0:
-                return export(get_last_checkpoint(work_dir) or resume, cfg)
+            if cfg.wandb and rank == 0:
+                import wandb
+
+                wandb.finish()
+            if rank == 0:
+                summary = export(get_last_checkpoint(work_dir) or resume, work_dir, cfg)
+                logs.sync()
+                return summary
     return None
+
+
+def finished(cfg: TrainConfig, state: TrainerState, steps: int) -> bool:
+    return state.global_step >= steps or stopped_early(cfg, state.log_history)
 
 
 def lora_config(cfg: TrainConfig) -> peft.LoraConfig:
@@ -200,37 +438,77 @@ def lora_config(cfg: TrainConfig) -> peft.LoraConfig:
     )
 
 
-def export(checkpoint_dir: str, cfg: TrainConfig) -> dict:
-    """output/model from the final checkpoint: a plain Transformers folder (LoRA merged); returns the summary.
+def export(last_dir: str, work_dir: str, cfg: TrainConfig) -> dict:
+    """output/model from the best (keep_best) or the last checkpoint: a plain Transformers folder (LoRA merged);
+    returns the summary.
 
     The checkpoint holds whole weights: ZeRO-3 gathers them on save (stage3_gather_16bit_weights_on_model_save).
     """
     unset_hf_deepspeed_config()  # load whole, on this worker alone: not sharded over the (finished) group
-    if cfg.lora:
-        base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model))
-        model = peft.PeftModel.from_pretrained(base, checkpoint_dir).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
-    with tempfile.TemporaryDirectory(prefix="dnc-export-") as out:
+    state = _state(last_dir)
+    summary = {"steps": state.global_step, "final_loss": [e["loss"] for e in state.log_history if "loss" in e][-1]}
+    evals = [entry for entry in step_metrics(state.log_history) if "eval_loss" in entry]
+    if evals:
+        last = evals[-1]
+        summary |= {k: last[k] for k in ("eval_loss", "eval_parse_rate") if k in last}
+    exported, step = "last", state.global_step
+    with tempfile.TemporaryDirectory(prefix="dnc-export-") as scratch:
+        checkpoint_dir = last_dir
+        if cfg.keep_best:
+            best_step, best_value, _ = best_evaluation(state.log_history, cfg.best_metric, cfg.keep_best == "parse_rate")
+            summary |= {"best_step": best_step, f"best_{cfg.best_metric}": best_value,
+                        "stopped_early": stopped_early(cfg, state.log_history)}
+            if cfg.exports == "best" and best_step is not None:
+                checkpoint_dir = find_checkpoint(best_step, work_dir, cfg.output, scratch)
+                exported, step = "best", best_step
+        if cfg.lora:
+            base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model))
+            model = peft.PeftModel.from_pretrained(base, checkpoint_dir).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
+        model.config.use_cache = True  # off for training only
+        out = os.path.join(scratch, "model")
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(out)
         storage.copy_folder(out, storage.join(cfg.output, "model"))
-    state = _state(checkpoint_dir)
-    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    return {"steps": state.global_step, "final_loss": losses[-1]}
+    return summary | {"exported": exported, "exported_step": step}
+
+
+def find_checkpoint(step: int, work_dir: str, output: str, scratch: str) -> str:
+    """The Transformers checkpoint of `step`: this worker's local copy, else the model files (no optimizer
+    state) of the one Ray Train kept in the output, copied into `scratch`."""
+    local = os.path.join(work_dir, f"checkpoint-{step}")
+    if os.path.isdir(local):
+        return local
+    root = storage.join(output, "checkpoints")
+    name = RayTrainReportCallback.CHECKPOINT_NAME
+    for state_file in storage.list_files(root, f"{name}/trainer_state.json"):
+        folder = storage.join(root, state_file.rsplit("/", 1)[0])
+        if json.loads(storage.read_text(storage.join(folder, "trainer_state.json")))["global_step"] != step:
+            continue
+        fs, path = storage.filesystem(folder)
+        target = os.path.join(scratch, f"checkpoint-{step}")
+        for file in storage.list_files(folder):
+            if not file.startswith("global_step"):  # DeepSpeed's optimizer and ZeRO shards: not needed
+                os.makedirs(os.path.dirname(os.path.join(target, file)), exist_ok=True)
+                pafs.copy_files(f"{path}/{file}", os.path.join(target, file), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+        return target
+    raise FileNotFoundError(f"{root}: no checkpoint of step {step} (the best evaluation's)")
 
 
 def _state(checkpoint_dir: str) -> TrainerState:
     return TrainerState.load_from_json(os.path.join(checkpoint_dir, "trainer_state.json"))
 
 
-def total_steps(cfg: TrainConfig, rows: int) -> int:
-    """Optimizer steps of the run: max_steps, else epochs over each worker's equal share of the rows."""
-    if cfg.max_steps:
-        return cfg.max_steps
-    rows_per_worker = rows // cfg.num_workers  # Ray Data splits the set equally
-    batches = math.ceil(rows_per_worker / cfg.per_worker_batch_size)
-    return max(1, math.ceil(cfg.epochs * math.ceil(batches / cfg.gradient_accumulation_steps)))
+def plan_steps(cfg: TrainConfig, rows: int) -> dict:
+    """Optimizer steps of the run (max_steps, else num_epochs over each worker's equal share of the rows), the
+    micro-batches per worker per epoch, and the epochs each worker's stream must hold."""
+    accumulation = cfg.accumulation_steps
+    batches = max(1, math.ceil((rows // cfg.num_workers) / cfg.per_worker_batch_size))  # Ray Data splits equally
+    steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * batches / accumulation))
+    return {"steps": steps, "accumulation": accumulation, "batches_per_pass": batches,
+            "passes": math.ceil(steps * accumulation / batches)}
 
 
 def check_resume_from(uri: str) -> None:
@@ -240,39 +518,81 @@ def check_resume_from(uri: str) -> None:
 
 def run_train(cfg: TrainConfig) -> dict:
     """Fine-tune the student described by `cfg`; returns (and prints) the run's summary."""
-    local = {"train_set": storage.absolute(cfg.train_set), "output": storage.absolute(cfg.output)}
-    cfg = cfg.model_copy(update={**local, "resume_from": cfg.resume_from and storage.absolute(cfg.resume_from)})
+    paths = {k: storage.absolute(getattr(cfg, k)) for k in ("train_set", "output", "resume_from", "eval_set")
+             if getattr(cfg, k)}
+    cfg = cfg.model_copy(update=paths)
     if cfg.resume_from:
         check_resume_from(cfg.resume_from)
     resolve_model(cfg.model)  # an unknown reference fails here, before any worker starts
     rows = check_train_set(cfg.train_set, cfg.variant)
+    if cfg.eval_set:
+        check_train_set(cfg.eval_set, cfg.variant)
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb: the wandb package is not installed (pip install 'dnc-ray[wandb]')")
+    held_out, held_out_rows = None, 0
+    if cfg.eval_fraction:
+        ids = read_rows(cfg.train_set, ["id"])["id"]
+        held_out = held_out_ids(ids, cfg.eval_fraction, cfg.seed)
+        wanted = set(held_out)
+        held_out_rows = sum(i in wanted for i in ids)
     init_ray(cfg.ray)
-    dataset, counts = tokenized_dataset(cfg.train_set, cfg.model, cfg.max_length, cfg.seed)
-    counts = {"rows": rows, **counts, "dropped": rows - counts["used"]}
+    dataset, counts = tokenized_dataset(cfg.train_set, cfg.model, cfg.max_length, cfg.seed, ids=held_out, keep=False)
+    counts = {"rows": rows, **counts, "dropped": rows - held_out_rows - counts["used"]}
     print(f"[train] {cfg.train_set}: {rows} rows, {counts['used']} used, {counts['truncated']} truncated, "
-          f"{counts['dropped']} dropped (max_length {cfg.max_length})", flush=True)
+          f"{counts['dropped']} dropped (max_length {cfg.max_length})"
+          + (f", {held_out_rows} held out for evaluation" if held_out else ""), flush=True)
     if counts["used"] < cfg.num_workers:
         raise TrainSetError(f"train set {cfg.train_set}: {counts['used']} usable rows for {cfg.num_workers} workers")
-    steps = total_steps(cfg, counts["used"])
+    source = {"uri": cfg.eval_set, "ids": None} if cfg.eval_set else {"uri": cfg.train_set, "ids": held_out}
+    datasets, prompts, eval_rows = {"train": dataset}, [], 0
+    if cfg.evaluates:
+        datasets["eval"], eval_counts = tokenized_dataset(source["uri"], cfg.model, cfg.max_length, cfg.seed,
+                                                          ids=source["ids"], keep=True)
+        eval_rows = eval_counts["used"]
+        print(f"[train] eval: {eval_rows} rows of {source['uri']}"
+              + (f" ({len(held_out)} question ids held out)" if held_out else ""), flush=True)
+        if eval_rows < cfg.num_workers:
+            raise TrainSetError(f"eval set {source['uri']}: {eval_rows} usable rows for {cfg.num_workers} workers")
+        if cfg.variant in ("sd-t", "sd-r") and cfg.eval_generations:
+            prompts = eval_prompts(read_rows_of(source["uri"], source["ids"]), cfg.eval_generations)
+    plan = plan_steps(cfg, counts["used"]) | {"eval_rows": eval_rows, "prompts": prompts}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "steps": steps},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=cfg.output,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute=SCORE if cfg.keep_best else None,
+                checkpoint_score_order="max" if cfg.keep_best == "parse_rate" else "min",
+            ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # DeepSpeed picks CUDA when it finds it; on CPU it must be told.
             worker_runtime_env={} if cfg.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     result = trainer.fit()
     latest = result.checkpoint and result.checkpoint.path
-    summary = {**result.return_value, **counts, "model": f"{cfg.output}/model", "checkpoint": latest}
+    batches = {"num_epochs": None if cfg.max_steps else cfg.num_epochs, "planned_steps": plan["steps"],
+               "gradient_accumulation_steps": plan["accumulation"],
+               "global_batch_size": cfg.num_workers * cfg.per_worker_batch_size * plan["accumulation"],
+               "eval_rows": eval_rows}
+    summary = {**result.return_value, **counts, **batches, "model": f"{cfg.output}/model", "checkpoint": latest}
     print("[train] done: " + ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     return summary
+
+
+def read_rows_of(uri: str, ids: list[str] | None) -> dict[str, list]:
+    """id, task and prompt of the rows of `uri` with these ids (all rows when ids is None)."""
+    rows = read_rows(uri, ["id", "task", "prompt"])
+    if ids is None:
+        return rows
+    wanted = set(ids)
+    keep = [i for i, row_id in enumerate(rows["id"]) if row_id in wanted]
+    return {k: [v[i] for i in keep] for k, v in rows.items()}

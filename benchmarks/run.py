@@ -15,7 +15,7 @@ import ray
 from benchmarks.common import RESULTS, save
 from benchmarks.report import write_readme
 
-BENCHMARKS = ["teacher_http", "hf_batch", "serving", "training", "cost"]
+BENCHMARKS = ["teacher_http", "hf_batch", "serving", "training", "cost", "rate_limits"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -95,20 +95,35 @@ def check_cost(result: dict) -> None:
     assert result["paper_per_1000_questions"]["teacher/teacher"]["decompose_usd"] == pytest.approx(0.0986, abs=1e-4)
 
 
+def check_rate_limits(result: dict) -> None:
+    p, limits = result["params"], result["rate_limits"]
+    assert list(limits) == ["off", "shared"]  # the tiny size's ways
+    for m in limits.values():
+        assert 0 < m["max_in_60s"] <= m["accepted"]
+        assert 0 <= m["refused_share"] < 1 and m["share_of_limit"] > 0
+    assert limits["shared"]["accepted"] == p["rows"] and limits["shared"]["rows_failed"] == 0  # no row lost to a 429
+    online, batch = result["cost"]["online"], result["cost"]["batch"]
+    assert online["tokens_per_question"] == batch["tokens_per_question"] and batch["rounds"] == 2  # two_stage
+    assert result["batch_cost_share"] == pytest.approx(0.5, abs=0.01)  # the default batch price
+    b = result["budget"]
+    assert b["stopped"] and b["spent_usd"] <= b["budget_usd"] and b["rows_done_at_stop"] < b["rows"]
+    assert b["rows_done_after_resume"] == b["rows"] and b["requests_redone"] == 0
+
+
 CHECKS = {"teacher_http": check_teacher_http, "hf_batch": check_hf_batch, "serving": check_serving,
-          "training": check_training, "cost": check_cost}
+          "training": check_training, "cost": check_cost, "rate_limits": check_rate_limits}
 
 
 @pytest.fixture(scope="module")
 def smoke_readme() -> str:
-    """All five benchmarks at the tiny size in one run (one interpreter, each its own local Ray)."""
+    """All six benchmarks at the tiny size in one run (one interpreter, each its own local Ray)."""
     for old in SMOKE.glob("*"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "benchmarks.run", "--size", "tiny"], cwd=ROOT, check=True, timeout=1200, env=ENV)
+    subprocess.run([sys.executable, "-m", "benchmarks.run", "--size", "tiny"], cwd=ROOT, check=True, timeout=1500, env=ENV)
     return (SMOKE / "README.md").read_text()
 
 
-@pytest.mark.timeout(1300)
+@pytest.mark.timeout(1600)
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_benchmark_smoke(smoke_readme, name):
     result = json.loads((SMOKE / f"{name}.json").read_text())

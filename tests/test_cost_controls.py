@@ -175,7 +175,7 @@ def test_the_stand_in_refuses_past_its_limit_with_retry_after_and_the_engine_pac
         done = asyncio.run(OpenAIEngine(limited).agenerate(chats, SamplingParams(max_tokens=8)))
         elapsed = time.monotonic() - started
         assert all(c.error is None for c in done) and server.rate.refused == 0
-        assert elapsed >= (40 - 10) / 20 * 0.9  # the burst (0.5 s' worth), then 20 a second
+        assert elapsed >= (40 - 5) / 20 * 0.9  # the burst (0.25 s' worth), then 20 a second
 
 
 def test_the_stand_in_counts_tokens_per_minute():

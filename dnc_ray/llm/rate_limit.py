@@ -17,6 +17,15 @@ README's Generate section has the figures). A split share idles whenever its act
 hands that room to whoever is ready, and a 429's pause reaches every actor at once. Its cost, one actor
 call per request, is small next to a request to a hosted model.
 
+The buckets hold a quarter of a second's worth: the limiter paces requests rather than letting a burst
+go. Two delays pull against each other. The time from a grant to the request reaching the server varies
+(a Ray reply, an event loop, a connection; most of a second on an overloaded machine): a server that
+enforces its limit per second (as OpenAI may) sees more than its limit once that variation passes the
+part of its second the bucket does not use (here 0.75 s). And a limiter that wakes late for a grant
+loses that time unless its bucket holds it: a quarter of a second absorbs wake-ups up to that late
+(measured: a bucket of 0.1 s reached 89 % of the limit on a machine at load 40-80, where wake-ups ran
+late, against 99 % at load ~20).
+
 Without limits the engines still share pauses: a 429 pauses the engine that got it at once, the others
 when they next look (at most every SYNC_S), so a stage backs off together instead of each request
 finding the limit on its own.
@@ -29,7 +38,7 @@ import math
 import time
 from collections.abc import Iterable
 
-BURST_S = 0.5  # seconds' worth of each limit that may go at once: well under what servers allow in a burst
+BURST_S = 0.25  # seconds' worth of each limit that may go at once (at least 1 request): well under any server's
 SYNC_S = 0.5  # without limits: how often an engine asks the shared limiter whether the stage is paused
 CHARS_PER_TOKEN = 4  # OpenAI's estimate of a prompt's tokens before tokenizing it (what its limiter counts)
 

@@ -100,6 +100,11 @@ class BatchAPI:
         app.get("/v1/batches")(self.list)
         app.get("/v1/batches/{batch_id}")(self.retrieve)
         app.post("/v1/batches/{batch_id}/cancel")(self.cancel)
+        app.get("/stub/arrivals")(self.arrivals)
+
+    async def arrivals(self):
+        """What the limits saw (for a stand-in in another process): [time.monotonic(), accepted, tokens] each."""
+        return {"arrivals": self.server.rate.arrivals}
 
     # -- files ---------------------------------------------------------------------------------
     def _store(self, data: bytes, filename: str, purpose: str) -> dict:

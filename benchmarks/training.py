@@ -1,8 +1,12 @@
-"""Training: tokens/s and peak memory of `dnc train` (Ray Train + DeepSpeed) per ZeRO stage, 1 worker against 2.
+"""Training: tokens/s and peak memory of `dnc train` (Ray Train + DeepSpeed) per ZeRO stage, 1 worker against 2;
+and two switches, each against its baseline in the same run: padding-free packing (tokens/s, share of
+padding) and gradient checkpointing (peak memory, tokens/s).
 
 The training set is the S_D-T set of GSM8K test's reference (socratic) decompositions (no model call). Each run takes
-the same number of optimizer steps per worker; tokens/s is the steady rate (every token all workers
-saw after the first step, over the time it took), peak memory is rank 0's (resident memory on CPU).
+the same number of optimizer steps per worker; tokens/s is the steady rate (every real token all workers
+saw after the first step, over the time it took; padding is not counted), peak memory is rank 0's (resident
+memory on CPU). At full size the switches run at a larger micro-batch than the ZeRO runs, where padding and
+activations weigh more; their baseline is the same run with both switches off (at the tiny size, the ZeRO run).
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from dnc_ray.stages.generate import run_generate
 from dnc_ray.train.recipe import run_train
 
 SIZES = {
-    "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 2)]},
+    "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 2)],
+             "switches": {"zero_stage": 3, "workers": 2, "per_worker_batch_size": 2}},
     "full": {"model": "smollm2-135m-instruct", "rows": 64, "steps": 6,
-             "runs": [(stage, workers) for stage in (0, 2, 3) for workers in (1, 2)]},
+             "runs": [(stage, workers) for stage in (0, 2, 3) for workers in (1, 2)],
+             "switches": {"zero_stage": 2, "workers": 2, "per_worker_batch_size": 8}},
 }
 BATCH_PER_WORKER, MAX_LENGTH = 2, 256
+SWITCHES = {"baseline": {}, "packing": {"packing": True}, "gradient_checkpointing": {"gradient_checkpointing": True}}
 
 
 def training_set(folder: str, rows: int) -> str:
@@ -40,15 +47,18 @@ def steady_rate(steps: list[dict]) -> float:
     return (last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["train_runtime"] - first["train_runtime"])
 
 
-def train_once(train_set: str, output: str, model: str, steps: int, zero_stage: int, workers: int) -> dict:
+def train_once(train_set: str, output: str, model: str, steps: int, zero_stage: int, workers: int,
+               per_worker_batch_size: int = BATCH_PER_WORKER, **switches) -> dict:
     cfg = TrainConfig(train_set=train_set, variant="sd-t", model=model, output=output, max_length=MAX_LENGTH,
-                      max_steps=steps, per_worker_batch_size=BATCH_PER_WORKER, lr=1e-4, num_workers=workers,
-                      cpus_per_worker=1, checkpoint_every_steps=steps, log_every_steps=steps,
-                      deepspeed={"zero_stage": zero_stage})
+                      max_steps=steps, per_worker_batch_size=per_worker_batch_size, lr=1e-4, num_workers=workers,
+                      cpus_per_worker=1, checkpoint_every_steps=steps, log_every_steps=steps, tensorboard=False,
+                      deepspeed={"zero_stage": zero_stage}, **switches)
     run_train(cfg)
     metrics = [json.loads(line) for line in Path(output, "metrics.jsonl").read_text().splitlines()]
-    return {"zero_stage": zero_stage, "workers": workers, "tokens_per_s": round(steady_rate(metrics), 1),
-            "peak_memory_gib": metrics[-1]["peak_memory_gib"], "final_loss": metrics[-1]["loss"]}
+    return {"zero_stage": zero_stage, "workers": workers, "per_worker_batch_size": per_worker_batch_size,
+            "packing": cfg.packing, "gradient_checkpointing": cfg.gradient_checkpointing,
+            "tokens_per_s": round(steady_rate(metrics), 1), "peak_memory_gib": metrics[-1]["peak_memory_gib"],
+            "padding_share": metrics[-1]["padding_share"], "final_loss": metrics[-1]["loss"]}
 
 
 def run(size: str) -> dict:
@@ -58,13 +68,36 @@ def run(size: str) -> dict:
         train_set = training_set(folder, p["rows"])
         runs = [train_once(train_set, f"{folder}/zero{stage}-w{workers}", p["model"], p["steps"], stage, workers)
                 for stage, workers in p["runs"]]
+        s = p["switches"]
+        switched = {}
+        for name, settings in SWITCHES.items():
+            same = [r for r in runs if (r["zero_stage"], r["workers"], r["per_worker_batch_size"]) ==
+                    (s["zero_stage"], s["workers"], s["per_worker_batch_size"])]
+            if name == "baseline" and same:  # a ZeRO run with these settings is the baseline already
+                switched[name] = same[0]
+                continue
+            switched[name] = train_once(train_set, f"{folder}/{name}", p["model"], p["steps"], s["zero_stage"],
+                                        s["workers"], s["per_worker_batch_size"], **settings)
     by_name = {f"zero{r['zero_stage']}_{r['workers']}w": r for r in runs}
+    base = switched["baseline"]
     result = {
         "params": {"model": p["model"], "rows": p["rows"], "steps": p["steps"], "per_worker_batch_size": BATCH_PER_WORKER,
-                   "max_length": MAX_LENGTH, "cpus_per_worker": 1, "precision": "fp32"},
+                   "max_length": MAX_LENGTH, "cpus_per_worker": 1, "precision": "fp32", "switches": s},
         "tokens_per_s": {name: r["tokens_per_s"] for name, r in by_name.items()},
         "peak_memory_gib": {name: r["peak_memory_gib"] for name, r in by_name.items()},
         "runs": runs,
+        "switch_runs": switched,
+        "packing": {
+            "tokens_per_s": {"off": base["tokens_per_s"], "on": switched["packing"]["tokens_per_s"]},
+            "padding_share": {"off": base["padding_share"], "on": switched["packing"]["padding_share"]},
+            "speedup": round(switched["packing"]["tokens_per_s"] / base["tokens_per_s"], 2),
+        },
+        "gradient_checkpointing": {
+            "peak_memory_gib": {"off": base["peak_memory_gib"], "on": switched["gradient_checkpointing"]["peak_memory_gib"]},
+            "tokens_per_s": {"off": base["tokens_per_s"], "on": switched["gradient_checkpointing"]["tokens_per_s"]},
+            "memory_ratio": round(switched["gradient_checkpointing"]["peak_memory_gib"] / base["peak_memory_gib"], 3),
+            "speed_ratio": round(switched["gradient_checkpointing"]["tokens_per_s"] / base["tokens_per_s"], 2),
+        },
     }
     result["speedup_2w_vs_1w"] = {
         f"zero{stage}": round(by_name[f"zero{stage}_2w"]["tokens_per_s"] / by_name[f"zero{stage}_1w"]["tokens_per_s"], 2)
@@ -86,10 +119,25 @@ def render(result: dict, folder: Path) -> str:
     for ax in (left, right):
         ax.tick_params(axis="x", labelrotation=30)
     speedups = ", ".join(f"{stage}: {x}x" for stage, x in result["speedup_2w_vs_1w"].items()) or "-"
-    return "\n\n".join([
+    sections = [
         table(rows, list(rows[0])),
         f"2 workers against 1 (same ZeRO stage, {result['params']['cpus_per_worker']} CPU each): {speedups}. "
         "Tokens/s counts every worker's tokens after the first step; memory is the process's peak resident "
         "memory on CPU (torch's peak allocation on GPU).",
         save_figure(fig, folder, "training"),
-    ])
+    ]
+    if "switch_runs" in result:  # results written before the switches were measured have none
+        s, pk, gc = result["params"]["switches"], result["packing"], result["gradient_checkpointing"]
+        switch_rows = [{"run": name, "tokens/s (all workers)": r["tokens_per_s"], "padding share": r["padding_share"],
+                        "peak memory GiB (rank 0)": r["peak_memory_gib"], "final loss": round(r["final_loss"], 3)}
+                       for name, r in result["switch_runs"].items()]
+        sections += [
+            f"Switches, each against the baseline run (ZeRO-{s['zero_stage']}, {s['workers']} workers, "
+            f"{s['per_worker_batch_size']} rows per micro-batch, both switches off):",
+            table(switch_rows, list(switch_rows[0])),
+            f"Packing: {pk['speedup']}x the tokens/s, padding {pk['padding_share']['off']:.1%} of the batch tokens "
+            f"without, {pk['padding_share']['on']:.1%} with. Gradient checkpointing: peak memory "
+            f"{gc['peak_memory_gib']['on']} GiB against {gc['peak_memory_gib']['off']} ({gc['memory_ratio']}x), at "
+            f"{gc['speed_ratio']}x the tokens/s.",
+        ]
+    return "\n\n".join(sections)

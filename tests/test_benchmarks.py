@@ -82,6 +82,16 @@ def check_training(result: dict) -> None:
     assert (run["zero_stage"], run["workers"]) == (3, 2)
     assert run["tokens_per_s"] > 0 and run["peak_memory_gib"] > 0.1
     assert result["tokens_per_s"] == {"zero3_2w": run["tokens_per_s"]} and result["speedup_2w_vs_1w"] == {}
+    # the switches, each against the baseline run (the same settings, both off)
+    switched = result["switch_runs"]
+    assert list(switched) == ["baseline", "packing", "gradient_checkpointing"]
+    assert [(r["packing"], r["gradient_checkpointing"]) for r in switched.values()] == [(False, False), (True, False), (False, True)]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0.1 for r in switched.values())
+    assert switched["packing"]["padding_share"] == 0 < switched["baseline"]["padding_share"]  # decompositions differ in length
+    packing, checkpointing = result["packing"], result["gradient_checkpointing"]
+    assert packing["speedup"] == pytest.approx(switched["packing"]["tokens_per_s"] / switched["baseline"]["tokens_per_s"], abs=0.01)
+    assert checkpointing["memory_ratio"] == pytest.approx(
+        switched["gradient_checkpointing"]["peak_memory_gib"] / switched["baseline"]["peak_memory_gib"], abs=0.001)
 
 
 def check_cost(result: dict) -> None:

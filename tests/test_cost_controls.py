@@ -237,6 +237,27 @@ def test_a_429_pauses_every_engine_of_the_stage_even_without_limits(ray_local):
         assert gap_start <= tripped + 0.5 + 0.3 and gap_end >= tripped + 1.5 - 0.1  # it learnt within SYNC_S
 
 
+def test_the_decomposer_and_the_solver_on_one_endpoint_share_one_limiter(ray_local, tmp_path):
+    from dnc_ray.stages import cost_controls
+
+    m = {"engine": "openai", "model": "t", "base_url": "http://127.0.0.1:1/v1", "api_key_env": None}
+    same = config(tmp_path, strategy="two_stage", decomposer={**m, "requests_per_minute": 60}, solver={**m, "base_url": m["base_url"] + "/"})
+    controls = cost_controls.start(same, 0.0)
+    try:
+        assert controls.limiters["decomposer"] is controls.limiters["solver"] and controls.limiters["solver"].limited
+        copies = pickle.loads(pickle.dumps(controls))  # as each MethodStage actor gets them
+        assert copies.limiters["decomposer"] is copies.limiters["solver"]
+    finally:
+        cost_controls.stop(controls)
+    other = config(tmp_path, strategy="two_stage", decomposer=m, solver={**m, "model": "u"})
+    controls = cost_controls.start(other, 0.0)
+    try:
+        assert controls.limiters["decomposer"] is not controls.limiters["solver"]
+        assert not controls.limiters["decomposer"].limited  # no limits: it carries the 429 pauses only
+    finally:
+        cost_controls.stop(controls)
+
+
 def test_shared_limit_held_across_actors_and_a_retry_after_pauses_the_whole_stage(ray_local, tmp_path):
     """2 actors x 64 requests in flight against a stand-in allowing 600 requests/min (2 s' worth at once):
     with the shared limiter no request is refused for the limit; the one 429 injected (retry-after 4 s)

@@ -58,6 +58,21 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     run_pipeline(load_config(args.config, PipelineConfig))
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from dnc_ray.study.config import StudyConfig
+    from dnc_ray.study.run import StudyFailed, plan_study, run_study
+
+    cfg = load_config(args.config, StudyConfig)
+    if args.plan:
+        plan_study(cfg)
+        return
+    try:
+        run_study(cfg)
+    except StudyFailed as e:  # the report is written; the failed cells are named (their tracebacks are logged)
+        print(f"dnc study: cells failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from dnc_ray.serve.app import serve_forever
 
@@ -84,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", help="teacher -> S_D set -> student -> evaluation -> report, in one job")
     pipe.add_argument("--config", required=True, help="pipeline YAML (jobs/configs/quickstart.yaml)")
     pipe.set_defaults(fn=cmd_pipeline)
+    study = sub.add_parser("study", help="the paper's study: teacher runs, four sets, students, Table 1, "
+                           "cross-domain, cost; cells reused by their inputs")
+    study.add_argument("--config", required=True, help="study YAML (jobs/configs/study-*.yaml)")
+    study.add_argument("--plan", action="store_true", help="build nothing: list the cells a submission would "
+                       "build and those it would reuse")
+    study.set_defaults(fn=cmd_study)
     srv = sub.add_parser("serve", help="serve the decomposer -> solver graph over HTTP until Ctrl-C")
     srv.add_argument("--config", required=True, help="serving YAML (jobs/configs/serve.yaml)")
     srv.set_defaults(fn=cmd_serve)

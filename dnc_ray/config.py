@@ -7,6 +7,7 @@ from typing import Annotated, Literal, TypeVar, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import model_serializer
 
 from dnc_ray.method.strategies import STRATEGIES
 from dnc_ray.tasks import RECORDS, TASKS, get_task
@@ -125,6 +126,16 @@ class ReferenceModel(_Strict):
 ModelConfig = Annotated[Union[OpenAIModel, HFModel, ReferenceModel], Field(discriminator="engine")]
 
 
+class HoldOut(_Strict):
+    """A fixed split of one file: a row is held out (part `test`) when sha256 of its id (or of its passage,
+    `by: context`) is 0 modulo `folds`; part `train` is every other row. The same rows on any machine, in any
+    file order (dnc_ray.tasks.held_out)."""
+
+    part: Literal["train", "test"]
+    folds: int = Field(5, ge=2, description="one row in `folds` (in expectation) is held out")
+    by: Literal["id", "context"] = Field("id", description="context: a passage's questions fall on one side (DROP)")
+
+
 class TaskConfig(_Strict):
     name: str = Field(description="a task of dnc_ray.tasks.TASKS (gsm8k, drop, bamboogle), or records")
     split: str = "test"
@@ -137,6 +148,17 @@ class TaskConfig(_Strict):
     metric: str | None = Field(
         None, description="records only: the task whose metric and prompt rules the records take"
     )
+    holdout: HoldOut | None = Field(
+        None, description="one side of a fixed hash split of the file (e.g. Bamboogle, which has no train split); "
+        "applied before offset and limit"
+    )
+
+    @model_serializer(mode="wrap")
+    def _no_holdout_key_when_unset(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and "holdout" in data and data["holdout"] is None:
+            del data["holdout"]  # run identities stored before the field existed still match
+        return data
 
     @field_validator("name")
     @classmethod

@@ -1,4 +1,5 @@
-"""`dnc pipeline`: the whole method in one job, every stage reused when its output is complete.
+"""`dnc pipeline`: the whole method in one job, every stage reused when its output is complete and was
+made from the same inputs (the set from the teacher's current rows, the student from that set).
 
     teacher run (train questions) -> S_D set -> student decomposer (Ray Train + DeepSpeed)
       -> evaluation on held-out questions: direct, teacher/teacher, base student/teacher,
@@ -17,6 +18,8 @@ from dnc_ray.infra import storage
 from dnc_ray.infra.lease import Lease
 from dnc_ray.stages.cost_controls import within_budget
 from dnc_ray.stages.generate import check_api_keys, check_failed_rows, check_output, run_generate
+from dnc_ray.study.cells import fingerprint, read_record, run_digest, write_record
+from dnc_ray.study.plan import generate_settings, train_settings
 from dnc_ray.train.recipe import run_train
 
 REPORT_FILES = ("report.md", "report.json", "cost_vs_accuracy.png")
@@ -39,20 +42,30 @@ def _run_pipeline(cfg: PipelineConfig, out: str) -> dict:
     _stage("teacher run")
     teacher = teacher_run(cfg, f"{out}/teacher")
     check_failed_rows(teacher, run_generate(_budgeted(cfg, teacher, out)))  # else a partial set would be distilled
+    # Reused only when made from the same inputs (cell keys, dnc_ray/study/cells.py): the set from the
+    # teacher run's current rows, the student from that set, its evaluation from that student.
     _stage(f"distill {cfg.variant}")
-    if storage.exists(storage.join(out, "distill", "train.parquet")):
+    keys = stage_keys(cfg, out, teacher)
+    if _made_from(f"{out}/distill", keys["distill"], "train.parquet"):
         print(f"[pipeline] reusing {out}/distill", flush=True)
     else:
         print(yield_table(build_training_set([f"{out}/teacher"], cfg.variant, f"{out}/distill")), flush=True)
+        write_record(f"{out}/distill", {"key": keys["distill"]})
     _stage("train the student decomposer")
-    if storage.exists(storage.join(out, "student", "model", "config.json")):
+    if _made_from(f"{out}/student", keys["student"], "model/config.json"):
         print(f"[pipeline] reusing {out}/student/model", flush=True)
     else:
+        _clear(f"{out}/student")  # its checkpoints belong to another set or config: never resume from them
         run_train(student_training(cfg, out))
+        write_record(f"{out}/student", {"key": keys["student"]})
     reports, failures = [], []
     for name, gen in evaluation_runs(cfg, out).items():
         _stage(f"evaluate {name}")
+        if name == "student" and not _made_from(gen.output, keys["student"], "run.json"):
+            _clear(gen.output)  # rows of an earlier student
         attempt = run_generate(_budgeted(cfg, gen, out))
+        if name == "student":
+            write_record(gen.output, {"key": keys["student"]})
         reports.append({"name": name, **evaluate_run(gen.output)})
         try:
             check_failed_rows(gen, attempt)
@@ -71,6 +84,26 @@ def _budgeted(cfg: PipelineConfig, gen: GenerateConfig, out: str) -> GenerateCon
         return gen
     outputs = [f"{out}/teacher", *(run.output for run in evaluation_runs(cfg, out).values())]
     return within_budget(gen, cfg.budget_usd, outputs)
+
+
+def stage_keys(cfg: PipelineConfig, out: str, teacher: GenerateConfig) -> dict[str, str]:
+    """What the set and the student are made from: the teacher run's identity and its rows' content (a
+    re-run that retried failed rows changes them), the variant; the training settings and the set."""
+    distill = fingerprint({"teacher": generate_settings(teacher, {}), "rows": run_digest(teacher.output),
+                           "variant": cfg.variant})
+    return {"distill": distill,
+            "student": fingerprint({"set": distill, "train": train_settings(student_training(cfg, out))})}
+
+
+def _made_from(folder: str, key: str, output: str) -> bool:
+    record = read_record(folder)
+    return bool(record) and record.get("key") == key and storage.exists(storage.join(folder, output))
+
+
+def _clear(folder: str) -> None:
+    if storage.exists(folder):
+        print(f"[pipeline] {folder} was made from other inputs: removing it", flush=True)
+        storage.delete_folder(folder)
 
 
 def teacher_run(cfg: PipelineConfig, output: str) -> GenerateConfig:

@@ -109,6 +109,13 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
+def delete_folder(uri: str) -> None:
+    """Delete the folder `uri` and everything under it; nothing to do when there is none."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """The files under the folder `uri` (recursively) whose names end with `suffix`, as paths relative to it,
     sorted; [] when there is no such folder."""

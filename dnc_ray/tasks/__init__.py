@@ -7,6 +7,7 @@ in TASKS: it takes its score, metrics and prompt rules from the task named by it
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -18,7 +19,8 @@ from dnc_ray.tasks.task import PromptRules, Task, demonstrations
 if TYPE_CHECKING:  # dnc_ray.config imports this package: no runtime import back
     from dnc_ray.config import TaskConfig
 
-__all__ = ["GENERIC_RULES", "RECORDS", "TASKS", "PromptRules", "Task", "TaskError", "get_task", "load_rows", "scorer"]
+__all__ = ["GENERIC_RULES", "RECORDS", "TASKS", "PromptRules", "Task", "TaskError", "get_task", "held_out", "load_rows",
+           "scorer"]
 
 TASKS: dict[str, Task] = {t.name: t for t in (gsm8k.TASK, drop.TASK, bamboogle.TASK)}
 
@@ -51,8 +53,17 @@ def load_rows(cfg: TaskConfig) -> list[dict]:
     task = get_task(cfg)
     check_split(task.name, cfg.split, task.splits)
     rows = task.load(cfg.split, cfg.path)
+    holdout = getattr(cfg, "holdout", None)
+    if holdout is not None:
+        rows = [r for r in rows if held_out(r, holdout.folds, holdout.by) == (holdout.part == "test")]
     end = cfg.offset + cfg.limit if cfg.limit else None
     return rows[cfg.offset : end]
+
+
+def held_out(row: dict, folds: int, by: str = "id") -> bool:
+    """The fixed hash split (TaskConfig.holdout): held out when sha256 of the row's id (or passage) is 0 mod folds."""
+    key = row["context"] if by == "context" and row.get("context") else row["id"]
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % folds == 0
 
 
 def scorer(cfg: TaskConfig) -> Callable[[str, list[list[str]]], tuple[float, bool]]:

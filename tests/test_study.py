@@ -434,3 +434,61 @@ def test_study_manifests_validate_against_their_schemas():
     assert study.teacher.decomposer.base_url == f"http://{service['metadata']['name']}-serve-svc:8000/v1"
     gpus = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert int(gpus["resources"]["limits"]["nvidia.com/gpu"]) >= llm.engine_kwargs["tensor_parallel_size"]
+
+
+def test_cli_study_plan_and_a_config_error(tmp_path):
+    """`dnc study --plan` lists what a submission would build, starting nothing; a bad key is one line, exit 2."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(tiny_settings(tmp_path)))
+    planned = subprocess.run([sys.executable, "-m", "dnc_ray.cli", "study", "--config", str(path), "--plan"],
+                             capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "[study] build gsm8k/teacher" in planned.stdout and "[study] 42 cells to build, 0 to reuse" in planned.stdout
+    assert not (tmp_path / "study").exists()
+    path.write_text(yaml.safe_dump(tiny_settings(tmp_path) | {"round": 2}))
+    bad = subprocess.run([sys.executable, "-m", "dnc_ray.cli", "study", "--config", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "field `round`: Extra inputs are not permitted" in bad.stderr
+
+
+def test_scheduler_runs_cells_as_ray_tasks_and_a_failure_skips_only_what_is_downstream(ray_local, tmp_path):
+    """Training sets from a hand-made run, as cells: a cell whose builder raises is reported and the cell made
+    from it is skipped, the others are built; a cell whose make() raises fails alone; a re-run reuses the built
+    ones and tries the failed ones again."""
+    from dnc_ray.infra.store import RunStore
+    from dnc_ray.method.row import new_row, to_table
+    from dnc_ray.study.cells import Cell, Job, run_cells
+
+    run = tmp_path / "run"
+    store = RunStore(str(run))
+    store.write_rows(to_table([new_row(r) | {"subquestions": ["What?"], "solution": "The answer is: 1",
+                                             "prediction": "1", "correct": True} for r in GSM8K[:3]]))
+    store.write_meta({"identity": {}, "attempts": [], "config": {
+        "task": {"name": "gsm8k"}, "strategy": "two_stage", "output": str(run),
+        "decomposer": {"engine": "reference"}, "solver": {"engine": "hf"}}})
+
+    def distill(variant, source=str(run)):
+        return lambda inputs: Job({"variant": variant, "source": source},
+                                  lambda folder: {"runs": [source], "variant": variant, "output": folder})
+
+    def broken(inputs):
+        raise ValueError("no such model")
+
+    cells = [Cell("a/set/sd-t", "distill", (), distill("sd-t")),
+             Cell("a/set/missing", "distill", (), distill("sd-t", str(tmp_path / "nothing"))),
+             Cell("a/set/after-missing", "distill", ("a/set/missing",), distill("se-a")),
+             Cell("a/set/broken", "distill", (), broken),
+             Cell("a/set/se-a", "distill", ("a/set/sd-t",), distill("se-a"))]
+    lines = []
+    results = run_cells(cells, str(tmp_path / "study"), log=lines.append)
+    assert results["a/set/sd-t"].ok and results["a/set/se-a"].ok and results["a/set/se-a"].summary["yield"]
+    assert "FileNotFoundError" in results["a/set/missing"].error
+    assert results["a/set/after-missing"].error == "skipped: input a/set/missing failed"
+    assert results["a/set/broken"].error == "ValueError: no such model"
+    assert (Path(results["a/set/se-a"].folder) / "train.parquet").exists()
+    again = run_cells(cells, str(tmp_path / "study"), log=lines.append)
+    assert again["a/set/sd-t"].reused and again["a/set/se-a"].reused
+    assert not again["a/set/missing"].reused and not again["a/set/missing"].ok

@@ -237,6 +237,7 @@ def run_cells(
     heights = _heights(cells)
     pending = sorted(cells, key=lambda c: -heights[c.name])  # the longest chain first (stable)
     running: dict = {}  # ObjectRef -> (cell, key, folder, inputs, settings, demand, started)
+    prepared: dict = {}  # cell name -> (job, key, folder, its cell.json or None)
     while pending or running:
         capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         progressed = True
@@ -254,10 +255,20 @@ def run_cells(
                     pending.remove(cell)
                     progressed = True
                     continue
-                job = cell.make(inputs)
-                key = cell_key(cell.kind, job.settings, inputs)
-                folder = storage.join(root, "cells", folder_name(cell.name, key))
-                record = read_record(folder)
+                if cell.name not in prepared:  # once: its inputs are done, so its key is known
+                    try:
+                        job = cell.make(inputs)
+                    except Exception as e:  # e.g. a config its inputs make invalid: this cell fails, not the study
+                        results[cell.name] = Built(cell.name, cell.kind, error=f"{type(e).__name__}: {e}",
+                                                   meta=cell.meta)
+                        log(f"[study] FAILED {cell.name}: {type(e).__name__}: {e}")
+                        pending.remove(cell)
+                        progressed = True
+                        continue
+                    key = cell_key(cell.kind, job.settings, inputs)
+                    folder = storage.join(root, "cells", folder_name(cell.name, key))
+                    prepared[cell.name] = (job, key, folder, read_record(folder))
+                job, key, folder, record = prepared[cell.name]
                 if complete(record, key):
                     results[cell.name] = Built(cell.name, cell.kind, key, folder, record["digest"], record["summary"],
                                                record["seconds"], reused=True, meta=cell.meta)

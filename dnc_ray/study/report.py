@@ -334,7 +334,7 @@ def cost_vs_score_figure(panels: dict[str, dict]):
     fig.subplots_adjust(left=0.09, right=0.56, top=1 - 0.45 / (panel_h * len(panels)),
                         bottom=0.5 / (panel_h * len(panels)), hspace=0.55)
     for ax, (task, panel) in zip(axes[:, 0], panels.items()):
-        points = panel["points"]
+        points = sorted(panel["points"], key=lambda p: (p[2], -p[1]))  # equal scores: the costlier point's label lowest
         xs, ys = [p[1] for p in points] or [0], [p[2] for p in points] or [0]
         x_pad = (max(xs) - min(xs)) * 0.08 or 1.0
         ax.set_xlim(min(xs) - x_pad, max(xs) + x_pad)

@@ -26,7 +26,7 @@ from dnc_ray.llm.batch_api import split_requests
 from dnc_ray.llm.budget import BudgetedModel, Ledger, LocalLedger
 from dnc_ray.llm.engine import Completion, SamplingParams
 from dnc_ray.llm.openai import OpenAIEngine
-from dnc_ray.llm.rate_limit import Bucket, Limiter, rate_tokens
+from dnc_ray.llm.rate_limit import Bucket, rate_tokens
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.method.prompts import DECOMPOSE_INSTRUCTION
 from dnc_ray.stages.cost_controls import run_spend, within_budget

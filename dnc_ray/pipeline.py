@@ -8,7 +8,6 @@ made from the same inputs (the set from the teacher's current rows, the student 
 
 from __future__ import annotations
 
-import io
 import json
 
 from dnc_ray.config import GenerateConfig, PipelineConfig, RowsFailed, TrainConfig
@@ -163,28 +162,19 @@ def write_report(cfg: PipelineConfig, out: str, reports: list[dict]) -> dict:
 
 
 def cost_vs_accuracy_png(reports: list[dict]) -> bytes:
-    """Score against $ per 1,000 questions (tokens per question when every price is 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Score against $ per 1,000 questions (tokens per question when every price is 0); the labels sit in a
+    column beside the plot, never over each other (dnc_ray/study/report.py)."""
+    from dnc_ray.study.report import cost_vs_score_figure, png
 
     priced = any(r["cost_usd"] > 0 for r in reports)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    points = []
     for r in reports:
         tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for u in r["usage"].values())
         x = r["cost_usd_per_1k_rows"] if priced else tokens / max(r["rows"], 1)
-        y = next(iter(r["scores"].values()), 0.0)
-        ax.scatter(x, y, s=60)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("$ per 1,000 questions" if priced else "tokens per question (all prices 0)")
-    ax.set_ylabel("score (%)")
-    ax.set_title("cost vs accuracy")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+        points.append((r["name"], x, next(iter(r["scores"].values()), 0.0)))
+    x_label = "$ per 1,000 questions" if priced else "tokens per question (all prices 0)"
+    return png(cost_vs_score_figure({"cost vs accuracy": {"points": points, "x_label": x_label,
+                                                          "y_label": "score (%)"}}))
 
 
 def _stage(name: str) -> None:

@@ -492,3 +492,18 @@ def test_scheduler_runs_cells_as_ray_tasks_and_a_failure_skips_only_what_is_down
     again = run_cells(cells, str(tmp_path / "study"), log=lines.append)
     assert again["a/set/sd-t"].reused and again["a/set/se-a"].reused
     assert not again["a/set/missing"].reused and not again["a/set/missing"].ok
+
+
+def test_pipeline_plot_labels_do_not_overlap():
+    """dnc pipeline's plot used to print "student" over "base-student" (same cost, same score)."""
+    import io
+
+    from matplotlib.image import imread
+
+    from dnc_ray.pipeline import cost_vs_accuracy_png
+
+    usage = {"decompose": {"prompt_tokens": 100, "completion_tokens": 20}, "solve": {"prompt_tokens": 50, "completion_tokens": 9}}
+    reports = [{"name": n, "cost_usd": 0.0, "cost_usd_per_1k_rows": 0.0, "rows": 16, "usage": usage, "scores": {"em": 0.0}}
+               for n in ("direct", "teacher", "base-student", "student")]
+    image = imread(io.BytesIO(cost_vs_accuracy_png(reports)))
+    assert image.shape[0] > 200

@@ -97,6 +97,7 @@ class StubServer:
     batch_delay_s: float = 0.0  # seconds a batch stays in_progress before it completes
     fail_line: Callable[[str, list[dict]], "int | None"] | None = None  # (custom_id, messages) -> status to fail a batch line
     batch_max_requests: int | None = None  # batches with more lines fail validation
+    hold: Callable[[int, list[dict]], bool] | None = None  # (index, messages) -> keep the request waiting while True
 
     requests: list[list[dict]] = field(default_factory=list, init=False)
     headers: dict[str, str] = field(default_factory=dict, init=False)
@@ -136,6 +137,8 @@ class StubServer:
                 self._in_flight += 1
                 self.max_in_flight_seen = max(self.max_in_flight_seen, self._in_flight)
             try:
+                while self.hold and self.hold(index, messages):
+                    await asyncio.sleep(0.05)
                 if self.latency_s > 0:
                     await asyncio.sleep(self.latency_s)
                 answer = self._answer(index, messages, body.get("model", self.model))

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test quickstart bench clean
+.PHONY: setup lint test quickstart bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+# ruff, configured in pyproject.toml ([tool.ruff]): pyflakes, import order, bare `except`, `zip()` without `strict=`.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(VENV)/bin/pytest -q --durations=10
 
 quickstart: setup

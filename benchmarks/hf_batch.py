@@ -60,7 +60,7 @@ def run(size: str) -> dict:
         "speedup_vs_one_by_one": {k: round(v / baseline, 2) for k, v in rates.items()},
         "bf16_vs_fp32": {f"batch_{b}": round(rates[f"bfloat16_batch_{b}"] / rates[f"float32_batch_{b}"], 2)
                          for b in p["batches"]},
-        "bf16_same_greedy_outputs": f"{sum(a == b for a, b in zip(texts['float32'], texts['bfloat16']))}/{len(chats)}"
+        "bf16_same_greedy_outputs": f"{sum(a == b for a, b in zip(texts['float32'], texts['bfloat16'], strict=True))}/{len(chats)}"
                                     f" (batch {top})",
     }
 

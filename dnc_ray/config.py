@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic import model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from dnc_ray.method.strategies import STRATEGIES
 from dnc_ray.tasks import RECORDS, TASKS, get_task
@@ -238,7 +246,7 @@ class GenerateConfig(_Strict):
         online = [m for m in models if isinstance(m, OpenAIModel) and m.mode == "online"]
         for a in online:
             for b in online:
-                limits = zip((a.requests_per_minute, a.tokens_per_minute), (b.requests_per_minute, b.tokens_per_minute))
+                limits = zip((a.requests_per_minute, a.tokens_per_minute), (b.requests_per_minute, b.tokens_per_minute), strict=True)
                 if a.limit_key == b.limit_key and any(x is not None and y is not None and x != y for x, y in limits):
                     raise ValueError(f"decomposer and solver call {a.model} at {a.base_url}: one rate limit holds for "
                                      "both, give them the same requests_per_minute and tokens_per_minute")

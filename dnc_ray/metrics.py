@@ -110,7 +110,7 @@ def _align_bags(predicted: list[set[str]], gold: list[set[str]]) -> np.ndarray:
                 scores[gold_index, pred_index] = _bag_f1(pred_bag, gold_bag)
     rows, columns = linear_sum_assignment(-scores)
     aligned = np.zeros([max(len(gold), len(predicted))])
-    for row, column in zip(rows, columns):
+    for row, column in zip(rows, columns, strict=True):
         aligned[row] = max(aligned[row], scores[row, column])
     return aligned
 

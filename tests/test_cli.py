@@ -1,8 +1,8 @@
 """The real `dnc` entry point in a subprocess: user errors exit 2 with one clear line, before Ray or a model starts."""
 
 import json
-import socket
 import os
+import socket
 import subprocess
 import sys
 
@@ -10,8 +10,8 @@ import pytest
 
 from dnc_ray.config import GenerateConfig, Price
 from dnc_ray.infra.store import RunStore
-from dnc_ray.stages.generate import run_identity  # imports ray; starts nothing
 from dnc_ray.method.row import new_row, to_table
+from dnc_ray.stages.generate import run_identity  # imports ray; starts nothing
 
 TIMEOUT_S = 120
 
@@ -238,7 +238,7 @@ def test_evaluate_hand_built_run(tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(lines) == 3  # header, separator, one run
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    cells = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
+    cells = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|")), strict=True))
     assert cells["run"] == str(out)
     assert cells["task"] == "gsm8k/test" and cells["strategy"] == "direct"
     assert cells["solver"] == "stub" and cells["decomposer"] == "-"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -231,7 +232,7 @@ def test_a_429_pauses_every_engine_of_the_stage_even_without_limits(ray_local):
 
         assert asyncio.run(scenario()).error is None  # the retry, after the pause, went through
         tripped = server.rate.arrivals[trips[0]][0]  # when the 429'd request reached the server
-        gaps = [(t0, t1) for t0, t1 in zip(times, times[1:]) if t1 > tripped and t1 - t0 > 0.8]
+        gaps = [(t0, t1) for t0, t1 in pairwise(times) if t1 > tripped and t1 - t0 > 0.8]
         assert len(gaps) == 1, [round(t - tripped, 2) for t in times]
         [(gap_start, gap_end)] = gaps
         assert gap_start <= tripped + 0.5 + 0.3 and gap_end >= tripped + 1.5 - 0.1  # it learnt within SYNC_S
@@ -275,7 +276,7 @@ def test_shared_limit_held_across_actors_and_a_retry_after_pauses_the_whole_stag
         t429 = accepted[injected_at] + latency  # when the 429 left the server
         # Requests the limiter granted before the pause still land after the 429: on this loaded machine up to
         # ~1 s later (grant -> Ray reply -> HTTP). Then nothing, from any actor, until the pause is over.
-        gaps = [(t0 - t429, t1 - t429) for t0, t1 in zip(accepted, accepted[1:]) if t1 > t429]
+        gaps = [(t0 - t429, t1 - t429) for t0, t1 in pairwise(accepted) if t1 > t429]
         gap = max(gaps, key=lambda g: g[1] - g[0])
         assert gap[0] <= 1.5 and gap[1] >= retry_after - 0.1 and gap[1] - gap[0] >= retry_after - 1.5, gaps
         [limiter] = run_json(tmp_path / "run")["attempts"][-1]["rate_limits"].values()

@@ -11,8 +11,8 @@ from dnc_ray.config import ConfigError, GenerateConfig
 from dnc_ray.distill import build_training_set
 from dnc_ray.infra.store import RunStore
 from dnc_ray.method.prompts import DECOMPOSE_INSTRUCTION, SOLVE_INSTRUCTION
-from dnc_ray.stages.generate import run_identity
 from dnc_ray.method.row import new_row, to_table
+from dnc_ray.stages.generate import run_identity
 
 
 def scored_row(qid: str, sample: int, subquestions, solution, correct, task="gsm8k", error=None) -> dict:

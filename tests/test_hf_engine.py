@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dnc_ray.config import HFModel
+from dnc_ray.llm.dtype import DeviceCaps, device_caps, resolve_dtype
 from dnc_ray.llm.engine import Completion, SamplingParams
 from dnc_ray.llm.hf import HFEngine
-from dnc_ray.llm.dtype import DeviceCaps, device_caps, resolve_dtype
 from dnc_ray.llm.models import SMOLLM2, TINY_RANDOM, ModelRefError, resolve_model
 
 CHATS = [
@@ -75,7 +75,7 @@ def test_batch_returns_one_completion_per_chat_in_order(engine, unstopped):
 
 
 def test_batched_greedy_equals_each_chat_alone(engine, unstopped):
-    for chat, batched in zip(CHATS, unstopped):
+    for chat, batched in zip(CHATS, unstopped, strict=True):
         [alone] = engine.generate([chat], SamplingParams(max_tokens=MAX_TOKENS))
         assert (alone.text, alone.prompt_tokens, alone.completion_tokens) == (
             batched.text,
@@ -108,7 +108,7 @@ def test_stop_strings_cut_the_text(engine, unstopped):
     assert stopped[1].text == text[: text.index(word)].strip()
     assert stopped[1].completion_tokens < unstopped[1].completion_tokens
     # the other chats run on; their texts are cut only if they contain the word too
-    for before, after in zip(unstopped[::2], stopped[::2]):
+    for before, after in zip(unstopped[::2], stopped[::2], strict=True):
         assert after.text == (before.text[: before.text.index(word)].strip() if word in before.text else before.text)
     # in the batch, the stopped chat is padded while the others run on: padding is not counted
     [alone] = engine.generate([CHATS[1]], SamplingParams(max_tokens=MAX_TOKENS, stop=(word,)))

@@ -15,8 +15,8 @@ from dnc_ray.llm.openai import OpenAIEngine
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.method.prompts import FOLLOW_UP_INSTRUCTION
-from dnc_ray.method.self_ask import next_line
 from dnc_ray.method.row import new_row
+from dnc_ray.method.self_ask import next_line
 from dnc_ray.tasks import TASKS
 
 PRICE = {"input_per_1k": 1.0, "output_per_1k": 2.0}

@@ -19,7 +19,7 @@ from conftest import question_of
 from dnc_ray.config import ServeAppConfig
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.serve.app import build_app
-from test_serve import AUTH, TOKEN_ENV, call, prometheus, proxy, served  # noqa: F401 (proxy: a fixture)
+from test_serve import AUTH, TOKEN_ENV, call, prometheus, proxy, served  # noqa: F401 (proxy: a fixture, used below)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,7 +42,7 @@ def stub():
 
 
 @pytest.fixture(scope="module")
-def apps(proxy, stub) -> dict[str, str]:
+def apps(proxy, stub) -> dict[str, str]:  # noqa: F811 (the imported fixture)
     upstream = {"engine": "openai", "model": "stub-teacher", "base_url": stub.base_url, "api_key_env": None,
                 "max_retries": 0}
     configs = {

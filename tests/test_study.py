@@ -6,8 +6,8 @@ manifests of the study."""
 
 from __future__ import annotations
 
-import json
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -307,7 +307,7 @@ def test_plot_labels_never_overlap_even_when_points_coincide():
     assert spread([0.5, 0.5, 0.5], 0.1) == pytest.approx([0.5, 0.6, 0.7])
     positions = spread([0.9, 0.95, 1.0, 0.2], 0.1)
     ordered = sorted(positions)
-    assert all(b - a >= 0.1 - 1e-9 for a, b in zip(ordered, ordered[1:])) and max(positions) <= 1.0
+    assert all(b - a >= 0.1 - 1e-9 for a, b in pairwise(ordered)) and max(positions) <= 1.0
     names = ["teacher (single stage)", "base student (single stage)", "teacher / teacher", "base student / teacher",
              "teacher / base student", "S_D-T / teacher", "S_D-R / teacher", "teacher / S_E-T", "teacher / S_E-A",
              "self-ask (dynamic)", "S_D-R round 2 / teacher"]

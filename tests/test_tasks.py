@@ -287,7 +287,7 @@ def test_a_registered_task_loads_and_scores_through_evaluate(monkeypatch):
     assert cfg.max_subquestions == 4  # the task's rules give the default
     cfg = GenerateConfig.model_validate(cfg.model_dump(mode="json"))  # as `dnc evaluate` reads run.json
     solved = []
-    for row, prediction in zip(load_rows(cfg.task), ["2", "5"]):
+    for row, prediction in zip(load_rows(cfg.task), ["2", "5"], strict=True):
         solved.append(new_row(row))
         solved[-1]["prediction"] = prediction
     score_rows(solved, scorer(cfg.task))

@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dnc_ray.config import ConfigError, HFModel, TrainConfig, load_config
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.models import TINY_RANDOM, ModelRefError, resolve_model
-from dnc_ray.train import TrainSetError
 from dnc_ray.method.prompts import decompose_messages
+from dnc_ray.train import TrainSetError
 from dnc_ray.train.data import (
     IGNORE,
     PackBatch,

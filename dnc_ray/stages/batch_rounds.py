@@ -180,7 +180,7 @@ class Rounds:
                 parts.append((record, [items[i] for i in indices]))
         finished = await asyncio.gather(*(self._wait(record) for record, _ in parts))
         answers: list[tuple[Pending, Completion]] = []
-        for (record, items), batch in zip(parts, finished):
+        for (record, items), batch in zip(parts, finished, strict=True):
             elapsed = time.monotonic() - started
             found = await self._results(record, batch, elapsed)
             for p in items:
@@ -260,7 +260,7 @@ class Rounds:
         print(f"[batch] picking up {len(earlier)} batch(es) of an earlier driver: "
               f"{', '.join(r['batch_id'] for r in earlier)}", flush=True)
         finished = await asyncio.gather(*(self._wait(r) for r in earlier))
-        for record, batch in zip(earlier, finished):
+        for record, batch in zip(earlier, finished, strict=True):
             found = await self._results(record, batch, 0.0)
             kept = {cid: c for cid, c in found.items() if c.error is None and _key_of(cid) in keys}
             self.cache.update(kept)

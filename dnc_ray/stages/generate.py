@@ -18,15 +18,22 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import ray
 from ray.util.queue import Empty as SinkEmpty
 
-from dataclasses import replace
-
-from dnc_ray.config import ConfigError, GenerateConfig, HFModel, OpenAIModel, ReferenceModel, RowsFailed, failed_rows_allowed
+from dnc_ray.config import (
+    ConfigError,
+    GenerateConfig,
+    HFModel,
+    OpenAIModel,
+    ReferenceModel,
+    RowsFailed,
+    failed_rows_allowed,
+)
 from dnc_ray.infra import storage
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.infra.lease import Lease
@@ -34,11 +41,11 @@ from dnc_ray.infra.progress import Progress
 from dnc_ray.infra.store import DamagedRunRecord, RunStore
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.method import STRATEGIES, MethodOptions
+from dnc_ray.method.row import new_row, row_key, to_table
 from dnc_ray.stages import cost_controls
 from dnc_ray.stages.batch_rounds import run_rounds, uses_batch_api
 from dnc_ray.stages.method_stage import MethodStage, is_unfinished
 from dnc_ray.stages.reference import REFERENCE, reference_decompose
-from dnc_ray.method.row import new_row, row_key, to_table
 from dnc_ray.stages.score import score_batch, score_rows
 from dnc_ray.tasks import get_task, load_rows, scorer
 

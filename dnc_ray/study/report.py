@@ -333,7 +333,7 @@ def cost_vs_score_figure(panels: dict[str, dict]):
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, panel_h * len(panels)), squeeze=False)
     fig.subplots_adjust(left=0.09, right=0.56, top=1 - 0.45 / (panel_h * len(panels)),
                         bottom=0.5 / (panel_h * len(panels)), hspace=0.55)
-    for ax, (task, panel) in zip(axes[:, 0], panels.items()):
+    for ax, (task, panel) in zip(axes[:, 0], panels.items(), strict=True):
         points = sorted(panel["points"], key=lambda p: (p[2], -p[1]))  # equal scores: the costlier point's label lowest
         xs, ys = [p[1] for p in points] or [0], [p[2] for p in points] or [0]
         x_pad = (max(xs) - min(xs)) * 0.08 or 1.0
@@ -348,7 +348,7 @@ def cost_vs_score_figure(panels: dict[str, dict]):
         gap = 1.45 * LABEL_PT / 72 / height_in  # one label's height, in axes fraction
         to_axes = ax.transAxes.inverted()
         wanted = [to_axes.transform(ax.transData.transform((x, y)))[1] for _, x, y in points]
-        for (label, x, y), ty in zip(points, spread(wanted, gap)):
+        for (label, x, y), ty in zip(points, spread(wanted, gap), strict=True):
             ax.scatter([x], [y], s=30, zorder=3)
             ax.annotate(label, xy=(x, y), xycoords="data", xytext=(1.04, ty), textcoords="axes fraction",
                         fontsize=LABEL_PT, va="center", ha="left", annotation_clip=False,

@@ -64,7 +64,7 @@ def _check_file(fs: storage.FileSystem, path: str, variant: str) -> int:
     if missing:
         raise TrainSetError(f"train set file {path}: missing column(s) {', '.join(missing)} (has {', '.join(names)})")
     table = pq.read_table(path, columns=["id", "variant", "target"], filesystem=fs).to_pydict()
-    empty = [i for i, t in zip(table["id"], table["target"]) if not (t or "").strip()]
+    empty = [i for i, t in zip(table["id"], table["target"], strict=True) if not (t or "").strip()]
     if empty:
         raise TrainSetError(f"train set file {path}: {len(empty)} row(s) with an empty target, first id {empty[0]!r}")
     others = sorted(set(table["variant"]) - {variant}, key=str)
@@ -101,7 +101,7 @@ def tokenize_batch(batch: pa.Table, model: str, max_length: int) -> pa.Table:
     tokenizer = load_tokenizer(model)
     encoded = [
         encode(tokenizer, prompt, target, max_length)
-        for prompt, target in zip(batch["prompt"].to_pylist(), batch["target"].to_pylist())
+        for prompt, target in zip(batch["prompt"].to_pylist(), batch["target"].to_pylist(), strict=True)
     ]
     kept = [e for e in encoded if e is not None]
     return pa.table(
@@ -166,7 +166,7 @@ def eval_prompts(rows: dict[str, list], count: int) -> list[dict]:
     task's default (2 on Bamboogle, 3 elsewhere).
     """
     prompts, seen = [], set()
-    for _, task, prompt in sorted(zip(rows["id"], rows["task"], rows["prompt"]), key=lambda r: str(r[0])):
+    for _, task, prompt in sorted(zip(rows["id"], rows["task"], rows["prompt"], strict=True), key=lambda r: str(r[0])):
         key = repr(prompt)
         if key in seen or len(prompts) == count:
             continue
@@ -206,7 +206,7 @@ class PackBatch(NumpyBatchCollateFn):
         self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)]
         return self.flatten(rows, return_tensors="pt")
 
 

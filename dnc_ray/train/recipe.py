@@ -233,7 +233,7 @@ class StudentTrainer(Trainer):
             out = self.model.generate(**inputs, max_new_tokens=EVAL_NEW_TOKENS, do_sample=False, use_cache=True,
                                       pad_token_id=tokenizer.pad_token_id)
         replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        parsed = sum(1 <= len(parse_subquestions(r)) <= p["max_subquestions"] for r, p in zip(replies, prompts))
+        parsed = sum(1 <= len(parse_subquestions(r)) <= p["max_subquestions"] for r, p in zip(replies, prompts, strict=True))
         share = torch.tensor([parsed / len(prompts)], dtype=torch.float64, device=self.args.device)
         if dist.is_initialized():
             dist.broadcast(share, src=0)

@@ -18,10 +18,10 @@ import datetime
 import json
 from pathlib import Path
 
-from dnc_ray.method import prompts
 from dnc_ray.config import HFModel, TaskConfig
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.hf import HFEngine
+from dnc_ray.method import prompts
 from dnc_ray.tasks import load_rows
 from dnc_ray.tasks.gsm8k import reference_subquestions
 
@@ -46,10 +46,10 @@ def main() -> None:
     record = {
         "model": MODEL,
         "recorded": datetime.date.today().isoformat(),
-        "decompositions": [{"question": r["question"], "output": c.text} for r, c in zip(rows, decompositions)],
+        "decompositions": [{"question": r["question"], "output": c.text} for r, c in zip(rows, decompositions, strict=True)],
         "solutions": [
             {"question": r["question"], "gold": r["answers"][0][0], "output": c.text}
-            for r, c in zip(rows, solutions)
+            for r, c in zip(rows, solutions, strict=True)
         ],
     }
     OUTPUT.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")

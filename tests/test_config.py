@@ -12,7 +12,6 @@ from dnc_ray.config import (
     OpenAIModel,
     PipelineConfig,
     Price,
-    RayConfig,
     ReferenceModel,
     ServeAppConfig,
     TaskConfig,
@@ -77,34 +76,22 @@ def validate_error(data: dict) -> str:
 # ---------------------------------------------------------------- a valid config
 
 
-def test_valid_two_stage_loads_with_types_and_defaults(tmp_path):
+def test_valid_two_stage_loads_with_types_and_values(tmp_path):
+    """The file's values land in the typed fields (each model's `engine` picks its class); the defaults are
+    not mirrored here: what they do is tested where they act."""
     cfg = load_config(write(tmp_path, VALID), GenerateConfig)
     assert isinstance(cfg, GenerateConfig)
     assert cfg.strategy == "two_stage" and cfg.output == "runs/gsm8k-two-stage"
-
-    assert isinstance(cfg.task, TaskConfig)
-    assert (cfg.task.name, cfg.task.split, cfg.task.limit) == ("gsm8k", "test", 5)
-    assert cfg.task.path is None and cfg.task.fields is None and cfg.task.metric is None
+    assert isinstance(cfg.task, TaskConfig) and (cfg.task.name, cfg.task.limit) == ("gsm8k", 5)
 
     d = cfg.decomposer
     assert isinstance(d, OpenAIModel)
     assert (d.model, d.base_url, d.temperature) == ("gpt-4o-mini", "http://localhost:8000/v1", 0.7)
-    assert d.api_key_env == "OPENAI_API_KEY"
-    assert (d.max_tokens, d.max_in_flight, d.max_retries, d.batch_size, d.actors) == (256, 64, 5, 256, 1)
-    assert d.request_timeout_s == 60.0 and d.num_cpus == 0.25
-    assert isinstance(d.price, Price) and (d.price.input_per_1k, d.price.output_per_1k) == (0.15, 0.6)
-    assert d.price.cost(1000, 2000) == pytest.approx(0.15 + 1.2)
+    assert isinstance(d.price, Price) and d.price.cost(1000, 2000) == pytest.approx(0.15 + 1.2)
 
     s = cfg.solver
-    assert isinstance(s, HFModel)
-    assert s.model == "smollm2-135m-instruct"
-    assert (s.dtype, s.device, s.num_gpus, s.batch_size, s.num_cpus) == ("auto", "cpu", 0.0, 8, 1.0)
-    assert s.temperature == 0.0 and s.max_tokens == 256
-    assert (s.price.input_per_1k, s.price.output_per_1k) == (0.0, 0.0)
-
-    assert cfg.decompositions is None
-    assert (cfg.num_samples, cfg.max_subquestions, cfg.progress_interval_s) == (1, 3, 10.0)
-    assert isinstance(cfg.ray, RayConfig) and cfg.ray.address is None and cfg.ray.num_cpus is None
+    assert isinstance(s, HFModel) and s.temperature == 0.0
+    assert s.price.cost(1000, 2000) == 0.0  # a local model costs nothing unless priced
 
 
 def test_reference_decomposer_on_gsm8k_loads(tmp_path):
@@ -348,10 +335,6 @@ def test_missing_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, GenerateConfig)
     assert str(path) in str(info.value) and "cannot read" in str(info.value)
-
-
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
 
 
 # ---------------------------------------------------------------- secrets never reach run.json

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -37,8 +38,26 @@ def test_manifests_parse_and_point_at_real_entrypoints_and_configs():
     assert served.applications[0].import_path == "dnc_ray.serve.app:build_app"
     assert yaml.safe_load((ROOT / "cluster/serve_config.yaml").read_text())["applications"] == yaml.safe_load(
         service["spec"]["serveConfigV2"])["applications"]
-    for stage in ("generate", "distill", "train", "evaluate", "pipeline"):
-        assert f'main(["{stage}"' in (ROOT / "jobs" / f"{stage}.py").read_text()
+
+
+@pytest.mark.parametrize("stage", ["generate", "distill", "train", "evaluate", "pipeline", "study"])
+def test_job_entrypoints_run_their_dnc_command(stage, monkeypatch, capsys, tmp_path):
+    """`python jobs/<stage>.py ARGS` (what `ray job submit` runs) is `dnc <stage> ARGS`: its usage, and a
+    user error as the CLI reports it, with the CLI's exit status."""
+
+    def run(*args: str) -> int | str | None:
+        monkeypatch.setattr(sys, "argv", [f"jobs/{stage}.py", *args])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / "jobs" / f"{stage}.py"), run_name="__main__")
+        return exit_.value.code
+
+    assert run("--help") == 0
+    assert capsys.readouterr().out.startswith(f"usage: dnc {stage} ")
+    if stage in ("generate", "train", "pipeline", "study"):
+        missing = tmp_path / "missing.yaml"
+        assert run("--config", str(missing)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dnc {stage}: error: {missing}: cannot read config"), err
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from dnc_ray.config import (
@@ -16,6 +17,7 @@ from dnc_ray.config import (
     TrainConfig,
     load_config,
 )
+from dnc_ray.infra import console, storage
 from dnc_ray.infra.lease import LeaseError
 from dnc_ray.llm.models import ModelRefError
 from dnc_ray.tasks import TaskError
@@ -28,34 +30,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from dnc_ray.stages.generate import check_failed_rows, run_generate
 
     cfg = load_config(args.config, GenerateConfig)
+    console.logs_under(storage.join(cfg.output, "logs"))
     check_failed_rows(cfg, run_generate(cfg))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from dnc_ray.train.recipe import run_train
 
-    run_train(load_config(args.config, TrainConfig))
+    cfg = load_config(args.config, TrainConfig)
+    console.logs_under(storage.join(cfg.output, "logs"))
+    run_train(cfg)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dnc_ray.evaluate import evaluate_run, markdown_table
 
     reports = [evaluate_run(run) for run in args.runs]
-    print(markdown_table(reports))
+    console.say(markdown_table(reports))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from dnc_ray.distill import build_training_set, yield_table
 
     report = build_training_set(args.run, args.variant, args.out)
-    print(yield_table(report))
-    print(f"training set: {args.out}/train.parquet")
+    console.say(yield_table(report))
+    console.say(f"training set: {args.out}/train.parquet")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from dnc_ray.pipeline import run_pipeline
 
-    run_pipeline(load_config(args.config, PipelineConfig))
+    cfg = load_config(args.config, PipelineConfig)
+    console.logs_under(storage.join(cfg.output, "logs"))
+    run_pipeline(cfg)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -63,25 +70,32 @@ def cmd_study(args: argparse.Namespace) -> None:
     from dnc_ray.study.run import StudyFailed, plan_study, run_study
 
     cfg = load_config(args.config, StudyConfig)
+    console.logs_under(storage.join(cfg.output, "logs"))
     if args.plan:
         plan_study(cfg)
         return
     try:
         run_study(cfg)
     except StudyFailed as e:  # the report is written; the failed cells are named (their tracebacks are logged)
-        print(f"dnc study: cells failed: {e}", file=sys.stderr)
+        console.say(f"dnc study: cells failed: {e}", err=True)
         raise SystemExit(1) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from dnc_ray.serve.app import serve_forever
 
-    serve_forever(load_config(args.config, ServeConfig))
+    cfg = load_config(args.config, ServeConfig)
+    console.logs_under(cfg.log_dir)
+    serve_forever(cfg)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dnc", description="Divide-or-Conquer on Ray")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and Transformers' logs "
+                        f"on the terminal (also {console.VERBOSE_ENV}=1); by default they go to <output>/logs/")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
     gen = sub.add_parser("generate", help="run a strategy over a task split with Ray Data")
     gen.add_argument("--config", required=True, help="generation YAML (jobs/configs/*.yaml)")
     gen.set_defaults(fn=cmd_generate)
@@ -122,16 +136,18 @@ EXIT_BUDGET_REACHED = 4
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not (args.verbose or console.verbose_requested()):
+        console.quiet()
     try:
         args.fn(args)
     except USER_ERRORS as e:
-        print(f"dnc {args.command}: error: {e}", file=sys.stderr)
+        console.say(f"dnc {args.command}: error: {e}", err=True)
         return EXIT_USER_ERROR
     except RowsFailed as e:
-        print(f"dnc {args.command}: failed rows: {e}", file=sys.stderr)
+        console.say(f"dnc {args.command}: failed rows: {e}", err=True)
         return EXIT_ROWS_FAILED
     except BudgetReached as e:
-        print(f"dnc {args.command}: budget reached: {e}", file=sys.stderr)
+        console.say(f"dnc {args.command}: budget reached: {e}", err=True)
         return EXIT_BUDGET_REACHED
     return 0
 

@@ -587,6 +587,7 @@ class ServeConfig(ServeAppConfig):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = Field("/", pattern=r"^/")
+    log_dir: str = Field("runs/serve/logs", description="where Ray's and Serve's logs go (unless dnc --verbose)")
     ray: RayConfig = RayConfig()
 
 

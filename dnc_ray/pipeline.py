@@ -13,7 +13,7 @@ import json
 from dnc_ray.config import GenerateConfig, PipelineConfig, RowsFailed, TrainConfig
 from dnc_ray.distill import build_training_set, yield_table
 from dnc_ray.evaluate import evaluate_run, markdown_table
-from dnc_ray.infra import storage
+from dnc_ray.infra import console, storage
 from dnc_ray.infra.lease import Lease
 from dnc_ray.stages.cost_controls import within_budget
 from dnc_ray.stages.generate import check_api_keys, check_failed_rows, check_output, run_generate
@@ -46,13 +46,13 @@ def _run_pipeline(cfg: PipelineConfig, out: str) -> dict:
     _stage(f"distill {cfg.variant}")
     keys = stage_keys(cfg, out, teacher)
     if _made_from(f"{out}/distill", keys["distill"], "train.parquet"):
-        print(f"[pipeline] reusing {out}/distill", flush=True)
+        console.say(f"[pipeline] reusing {out}/distill")
     else:
-        print(yield_table(build_training_set([f"{out}/teacher"], cfg.variant, f"{out}/distill")), flush=True)
+        console.say(yield_table(build_training_set([f"{out}/teacher"], cfg.variant, f"{out}/distill")))
         write_record(f"{out}/distill", {"key": keys["distill"]})
     _stage("train the student decomposer")
     if _made_from(f"{out}/student", keys["student"], "model/config.json"):
-        print(f"[pipeline] reusing {out}/student/model", flush=True)
+        console.say(f"[pipeline] reusing {out}/student/model")
     else:
         _clear(f"{out}/student")  # its checkpoints belong to another set or config: never resume from them
         run_train(student_training(cfg, out))
@@ -101,7 +101,7 @@ def _made_from(folder: str, key: str, output: str) -> bool:
 
 def _clear(folder: str) -> None:
     if storage.exists(folder):
-        print(f"[pipeline] {folder} was made from other inputs: removing it", flush=True)
+        console.say(f"[pipeline] {folder} was made from other inputs: removing it")
         storage.delete_folder(folder)
 
 
@@ -157,7 +157,7 @@ def write_report(cfg: PipelineConfig, out: str, reports: list[dict]) -> dict:
     storage.write_text(storage.join(out, "report.md"), text + "\n")
     storage.write_bytes(storage.join(out, "cost_vs_accuracy.png"), cost_vs_accuracy_png(reports))
     storage.write_text(storage.join(out, "report.json"), json.dumps(summary, indent=2))  # last: its presence means complete
-    print(text, flush=True)
+    console.say(text)
     return summary
 
 
@@ -178,5 +178,5 @@ def cost_vs_accuracy_png(reports: list[dict]) -> bytes:
 
 
 def _stage(name: str) -> None:
-    print(f"[pipeline] === {name} ===", flush=True)
+    console.say(f"[pipeline] === {name} ===")
 

@@ -8,6 +8,7 @@ import socket
 import ray
 
 from dnc_ray.config import ConfigError, RayConfig
+from dnc_ray.infra import console
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -17,9 +18,12 @@ def init_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
+    console.open_logs()  # a quiet `dnc`: Ray's logs go to files from here on
+    if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    console.route_worker_output()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints one progress line per interval instead
     ctx.enable_operator_progress_bars = False

@@ -1,8 +1,13 @@
-"""Progress lines for long runs: rows done / total, rows/s, errors so far, ETA."""
+"""Progress of a long run: a live bar on an interactive terminal, else a plain line per interval
+(rows done / total, rows/s, errors so far, ETA)."""
 
 from __future__ import annotations
 
 import time
+
+from tqdm import tqdm
+
+from dnc_ray.infra import console
 
 
 class Progress:
@@ -10,14 +15,24 @@ class Progress:
         self.label, self.total, self.interval_s = label, total, interval_s
         self.done = self.errors = 0
         self.started = self._last_print = time.monotonic()
+        terminal = console.terminal()
+        self.bar = tqdm(total=total, desc=f"[{label}]", unit="rows", file=terminal) if terminal.isatty() else None
 
     def update(self, rows: int, errors: int) -> None:
         self.done += rows
         self.errors += errors
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"errors {self.errors}", refresh=False)
+            self.bar.update(rows)
+            return
         now = time.monotonic()
         if now - self._last_print >= self.interval_s or self.done >= self.total:
             self._last_print = now
-            print(self.line(), flush=True)
+            console.say(self.line())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     @property
     def elapsed_s(self) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from dnc_ray.config import ServeAppConfig
+from dnc_ray.infra import console
 from dnc_ray.serve.schema import (
     ChatRequest,
     CompletionRequest,
@@ -109,6 +111,20 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"].endswith("/healthz"):
             return await self.app(scope, receive, send)
+        started, status = time.monotonic(), {}
+
+        async def send_noting_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_noting_status)
+        finally:  # the one line a request gets on `dnc serve`'s terminal
+            console.say(f"[serve] {scope['method']} {scope['path']} {status.get('code', '-')} "
+                        f"{1000 * (time.monotonic() - started):.0f} ms")
+
+    async def _guarded(self, scope, receive, send):
         if self.token is not None and not self._authorized(scope):
             response = error_response(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)

@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from dnc_ray.config import HFModel, ServeAppConfig, ServeConfig, ServedModel
+from dnc_ray.infra import console
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm import Completion, Messages, SamplingParams
 from dnc_ray.llm.engine import Chunk
@@ -435,10 +436,10 @@ def serve_forever(cfg: ServeConfig) -> None:
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:
         serve.run(build_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix)
-        print(f"[serve] http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1 is up (Ctrl-C stops)", flush=True)
+        console.say(f"[serve] http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1 is up (Ctrl-C stops)")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("[serve] shutting down", flush=True)
+        console.say("[serve] shutting down")
     finally:
         serve.shutdown()

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 
 from dnc_ray.config import GenerateConfig, OpenAIModel, ReferenceModel
+from dnc_ray.infra import console
 from dnc_ray.llm.batch_api import CURRENT_ROW, TERMINAL, BatchClient, BatchModel, Pending, request_line, split_requests
 from dnc_ray.llm.budget import BudgetedModel, Ledger, LocalLedger
 from dnc_ray.llm.chat_model import ChatModel
@@ -174,7 +175,7 @@ class Rounds:
             settings = items[0].model.cfg.batch_api
             lines = [request_line(p.custom_id, p.body) for p in items]
             files = split_requests(lines, settings.max_requests, settings.max_bytes)
-            print(f"[batch] round {self.round}: {len(items)} requests to {group[1]} in {len(files)} batch(es)", flush=True)
+            console.say(f"[batch] round {self.round}: {len(items)} requests to {group[1]} in {len(files)} batch(es)")
             for part, indices in enumerate(files, 1):
                 record = await self._submit(group, b"".join(lines[i] for i in indices), part, len(indices))
                 parts.append((record, [items[i] for i in indices]))
@@ -218,8 +219,8 @@ class Rounds:
                 self._printed = now
                 counts = batch.request_counts
                 done = f"{counts.completed}/{counts.total} requests done, {counts.failed} failed" if counts else ""
-                print(f"[batch] round {record['round']} part {record['part']}: {batch.id} {batch.status}, {done} | "
-                      f"waiting {now - started:.0f}s", flush=True)
+                console.say(f"[batch] round {record['round']} part {record['part']}: {batch.id} {batch.status}, {done} | "
+                            f"waiting {now - started:.0f}s")
             await asyncio.sleep(poll_s)
 
     def _poll_s(self, record: dict) -> float:
@@ -237,8 +238,8 @@ class Rounds:
         if batch.status == "failed" and batch.errors and batch.errors.data:
             record["errors"] = [e.message for e in batch.errors.data][:5]
         self.save_meta()
-        print(f"[batch] round {record['round']} part {record['part']}: {batch.id} {batch.status}: {counts['ok']} lines "
-              f"answered, {counts['failed']} failed", flush=True)
+        console.say(f"[batch] round {record['round']} part {record['part']}: {batch.id} {batch.status}: {counts['ok']} lines "
+                    f"answered, {counts['failed']} failed")
         return found
 
     # -- a restarted driver --------------------------------------------------------------------
@@ -257,14 +258,14 @@ class Rounds:
                 record.update(batch_id=batch.id if batch else None, status=batch.status if batch else "never created")
         self.save_meta()
         earlier = [r for r in earlier if r["batch_id"] is not None]
-        print(f"[batch] picking up {len(earlier)} batch(es) of an earlier driver: "
-              f"{', '.join(r['batch_id'] for r in earlier)}", flush=True)
+        console.say(f"[batch] picking up {len(earlier)} batch(es) of an earlier driver: "
+                    f"{', '.join(r['batch_id'] for r in earlier)}")
         finished = await asyncio.gather(*(self._wait(r) for r in earlier))
         for record, batch in zip(earlier, finished, strict=True):
             found = await self._results(record, batch, 0.0)
             kept = {cid: c for cid, c in found.items() if c.error is None and _key_of(cid) in keys}
             self.cache.update(kept)
-            print(f"[batch] {batch.id}: {len(kept)} answered lines kept for rows still to run", flush=True)
+            console.say(f"[batch] {batch.id}: {len(kept)} answered lines kept for rows still to run")
 
 
 def _key_of(cid: str) -> tuple[str, int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -34,7 +33,7 @@ from dnc_ray.config import (
     RowsFailed,
     failed_rows_allowed,
 )
-from dnc_ray.infra import storage
+from dnc_ray.infra import console, storage
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.infra.lease import Lease
 from dnc_ray.infra.progress import Progress
@@ -195,9 +194,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
             if todo and not uses_batch_api(cfg):
                 init_ray(cfg.ray)
         if warning:
-            print(f"[generate] warning: {warning} (copy kept as {store.keep_damaged_meta()})", file=sys.stderr, flush=True)
-        print(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "
-              f"{len(rows) - len(todo)} done earlier, {len(todo)} to run -> {cfg.output}", flush=True)
+            console.say(f"[generate] warning: {warning} (copy kept as {store.keep_damaged_meta()})", err=True)
+        console.say(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "
+                    f"{len(rows) - len(todo)} done earlier, {len(todo)} to run -> {cfg.output}")
         meta["config"] = cfg.model_dump(mode="json")  # holds env var NAMES only, never keys
         attempt = {"started": _now(), "finished": None, "rows": 0, "errors": 0, "elapsed_s": 0.0, "run_rows": len(rows)}
         meta["attempts"].append(attempt)
@@ -206,16 +205,19 @@ def run_generate(cfg: GenerateConfig) -> dict:
         if todo and not uses_batch_api(cfg):
             attempt["dtype"] = local_model_dtypes(cfg)
         progress = Progress("generate", len(todo), cfg.progress_interval_s)
-        spend = _run(cfg, todo, store, lease, progress, meta) if todo else {}
+        try:
+            spend = _run(cfg, todo, store, lease, progress, meta) if todo else {}
+        finally:
+            progress.close()
         merged = store.compact()  # rows written as they finished: many small parts
         if merged:
-            print(f"[generate] merged {merged} parts of {cfg.output}/rows into one", flush=True)
+            console.say(f"[generate] merged {merged} parts of {cfg.output}/rows into one")
         attempt.update(finished=_now(), rows=progress.done, errors=progress.errors,
                        elapsed_s=round(progress.elapsed_s, 3), **spend)
         lease.check()
         store.write_meta(meta)
-    print(f"[generate] finished: {progress.done} rows run ({progress.errors} failed), {len(rows) - len(todo)} done "
-          f"earlier, {len(rows)} in the run, {progress.elapsed_s:.1f}s -> {cfg.output}", flush=True)
+    console.say(f"[generate] finished: {progress.done} rows run ({progress.errors} failed), {len(rows) - len(todo)} done "
+                f"earlier, {len(rows)} in the run, {progress.elapsed_s:.1f}s -> {cfg.output}")
     cost_controls.check_budget(cfg, attempt)  # BudgetReached when budget_usd stopped rows
     return attempt
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from dnc_ray.infra import storage
+from dnc_ray.infra import console, storage
 
 RUN_CONTENT = ("id", "sample", "decomposition", "subquestions", "solution", "prediction", "correct", "error")
 
@@ -141,7 +141,7 @@ def build_distill(payload: dict) -> tuple[dict, str]:
     from dnc_ray.distill import build_training_set, yield_table
 
     report = build_training_set(payload["runs"], payload["variant"], payload["output"])
-    print(yield_table(report), flush=True)
+    console.say(yield_table(report))
     return {"yield": report}, set_digest(payload["output"])
 
 

@@ -15,7 +15,7 @@ import io
 import json
 
 from dnc_ray.config import ReferenceModel
-from dnc_ray.infra import storage
+from dnc_ray.infra import console, storage
 from dnc_ray.study import paper
 from dnc_ray.study.cells import Built
 from dnc_ray.study.config import StudyConfig, StudySplit, StudyTask
@@ -372,7 +372,7 @@ def write_report(cfg: StudyConfig, plan: StudyPlan, results: dict[str, Built], w
     storage.write_text(storage.join(out, "report.md"), text)
     storage.write_bytes(storage.join(out, PLOT), png(cost_vs_score_figure(plot_points(cfg, results))))
     storage.write_text(storage.join(out, "report.json"), json.dumps(data, indent=2))  # last: complete when present
-    print(text, flush=True)
+    console.say(text)
     return data
 
 

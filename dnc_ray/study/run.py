@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from dnc_ray.config import RowsFailed, failed_rows_allowed
-from dnc_ray.infra import storage
+from dnc_ray.infra import console, storage
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.infra.lease import Lease
 from dnc_ray.stages.generate import check_api_keys, check_output
@@ -27,9 +27,9 @@ def plan_study(cfg: StudyConfig) -> dict[str, str]:
     results = run_cells(cells, cfg.output.rstrip("/"), dry_run=True)
     plan = {name: "build" if b.planned else "reuse" for name, b in results.items()}
     for name, what in plan.items():
-        print(f"[study] {what:5} {name}", flush=True)
-    print(f"[study] {sum(w == 'build' for w in plan.values())} cells to build, "
-          f"{sum(w == 'reuse' for w in plan.values())} to reuse", flush=True)
+        console.say(f"[study] {what:5} {name}")
+    console.say(f"[study] {sum(w == 'build' for w in plan.values())} cells to build, "
+                f"{sum(w == 'reuse' for w in plan.values())} to reuse")
     return plan
 
 
@@ -55,14 +55,14 @@ def _run_study(cfg: StudyConfig, out: str) -> dict:
     init_ray(cfg.ray)
     plan = StudyPlan(cfg)
     cells = plan.cells()
-    print(f"[study] {len(cells)} cells over {', '.join(t.key for t in cfg.tasks)} -> {out}/cells", flush=True)
+    console.say(f"[study] {len(cells)} cells over {', '.join(t.key for t in cfg.tasks)} -> {out}/cells")
     started = time.monotonic()
     results = run_cells(cells, out, assess=plan.assess, max_parallel=cfg.max_parallel_cells,
-                        log=lambda line: print(line, flush=True))
+                        log=console.say)
     data = write_report(cfg, plan, results, time.monotonic() - started)
     built = [b for b in results.values() if not b.reused and b.ok]
-    print(f"[study] {len(built)} cells built, {sum(b.reused for b in results.values())} reused, "
-          f"{sum(not b.ok for b in results.values())} failed or skipped; wall {data['wall_s']:.0f}s", flush=True)
+    console.say(f"[study] {len(built)} cells built, {sum(b.reused for b in results.values())} reused, "
+                f"{sum(not b.ok for b in results.values())} failed or skipped; wall {data['wall_s']:.0f}s")
     failed = [b for b in results.values() if b.error and not b.summary and not b.error.startswith("skipped")]
     if failed:
         raise StudyFailed("; ".join(f"{b.name}: {b.error}" for b in failed))

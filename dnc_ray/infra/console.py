@@ -29,6 +29,7 @@ class _Terminal:
     early_log: str | None = None  # what fds 1 and 2 wrote before the log folder was opened
     folder: str | None = None  # where driver.log and workers.log go, once Ray starts
     workers: TextIO | None = None
+    last_line: dict = {}  # pid -> the last project line shown (Ray Train echoes a worker's stdout twice)
     lock = threading.Lock()
 
 
@@ -115,7 +116,9 @@ def _worker_lines(batch: dict) -> None:
         _Terminal.workers.writelines(f"({name} pid={batch.get('pid')}) {line}\n" for line in batch.get("lines", []))
         _Terminal.workers.flush()
         for line in ours:
-            print(line, file=_Terminal.out, flush=True)
+            if _Terminal.last_line.get(batch.get("pid")) != line:
+                print(line, file=_Terminal.out, flush=True)
+            _Terminal.last_line[batch.get("pid")] = line
 
 
 def _redirect(fd: int) -> None:

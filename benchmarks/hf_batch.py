@@ -17,7 +17,7 @@ from dnc_ray.method.prompts import decompose_messages
 from dnc_ray.tasks import TASKS, load_rows
 
 DTYPES = ("float32", "bfloat16")
-SIZES = {"tiny": {"model": "tiny-random-smollm2", "prompts": 8, "max_tokens": 8, "batches": [1, 8]},
+SIZES = {"tiny": {"model": "tiny-random-smollm2", "prompts": 4, "max_tokens": 8, "batches": [1, 4]},
          "full": {"model": "smollm2-135m-instruct", "prompts": 32, "max_tokens": 64, "batches": [1, 8, 32]}}
 
 

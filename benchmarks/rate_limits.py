@@ -2,7 +2,7 @@
 
 Rate limits: the stand-in server (dnc_ray.llm.stub_server, in its own process) allows 600 requests a minute,
 enforced per second as OpenAI may quantize it (a bucket of 1 s' worth, 10 requests, refilled
-continuously; 429 with Retry-After past it). A Ray Data `direct` run with 4 MethodStage actors, each up
+continuously; 429 with Retry-After past it). A Ray Data `direct` run with 4 MethodStage actors (2 at the tiny size), each up
 to 64 requests in flight (200 ms per request: 1280 requests/s of capacity, 128x the limit), runs three
 ways:
 
@@ -53,8 +53,10 @@ LIMIT_RPM = 600
 LATENCY_S = 0.2
 ACTORS = 4
 PRICE = {"input_per_1k": 0.0005, "output_per_1k": 0.0015}  # gpt-3.5-turbo's list price, $ per 1K tokens
-SIZES = {"tiny": {"rows": 30, "batch_rows": 16, "ways": ("off", "shared")},
-         "full": {"rows": 900, "batch_rows": 256, "ways": ("off", "split", "shared", "split_256", "shared_256")}}
+# tiny: 2 actors (each actor's start-up is most of a tiny run's time; 2 x 64 in flight still far exceeds the limit)
+SIZES = {"tiny": {"rows": 30, "batch_rows": 16, "ways": ("off", "shared"), "actors": 2},
+         "full": {"rows": 900, "batch_rows": 256, "ways": ("off", "split", "shared", "split_256", "shared_256"),
+                  "actors": ACTORS}}
 
 
 def _model(base_url: str, **extra) -> dict:
@@ -87,12 +89,12 @@ def limited_stand_in():
         server.wait()
 
 
-def limited_run(way: str, rows: int) -> dict:
+def limited_run(way: str, rows: int, actors: int = ACTORS) -> dict:
     """One Ray Data run of `direct` over `rows` questions against the 600/min stand-in."""
     with limited_stand_in() as base_url, tempfile.TemporaryDirectory() as out:
         limits = {} if way == "off" else {"requests_per_minute": LIMIT_RPM}
         batch_size = 256 if way.endswith("_256") else 16
-        model = _model(base_url, actors=ACTORS, max_in_flight=64, batch_size=batch_size, max_retries=8, **limits)
+        model = _model(base_url, actors=actors, max_in_flight=64, batch_size=batch_size, max_retries=8, **limits)
         cfg = GenerateConfig.model_validate({
             "task": {"name": "gsm8k", "split": "train", "limit": rows}, "strategy": "direct", "output": out,
             "solver": model, "progress_interval_s": 30})
@@ -175,12 +177,12 @@ def budget_run(rows: int, budget_usd: float) -> dict:
 
 def run(size: str) -> dict:
     p = SIZES[size]
-    limits = {way: limited_run(way, p["rows"]) for way in p["ways"]}
+    limits = {way: limited_run(way, p["rows"], p["actors"]) for way in p["ways"]}
     costs = {mode: cost_run(mode, p["batch_rows"]) for mode in ("online", "batch")}
     full_cost = costs["online"]["usd_per_1k_questions"] * p["batch_rows"] / 1000
     budget = budget_run(p["batch_rows"], full_cost / 2)
     return {
-        "params": {"limit_rpm": LIMIT_RPM, "stand_in_burst_s": 1.0, "latency_s": LATENCY_S, "actors": ACTORS,
+        "params": {"limit_rpm": LIMIT_RPM, "stand_in_burst_s": 1.0, "latency_s": LATENCY_S, "actors": p["actors"],
                    "max_in_flight_per_actor": 64, "rows": p["rows"], "batch_rows": p["batch_rows"], "price": PRICE},
         "rate_limits": limits,
         "cost": costs,

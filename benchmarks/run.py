@@ -3,6 +3,10 @@
     python -m benchmarks.run                      # every benchmark, full size
     python -m benchmarks.run --only teacher_http  # one of them
     python -m benchmarks.run --size tiny          # smoke size: results/smoke/ and its own README
+
+At full size each benchmark starts its own local Ray (none measures another's leftovers); the tiny size
+shares one (4 logical CPUs, what the benchmarks ask for), whose start-up would otherwise be a large share of
+each tiny benchmark's time.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import ray
 
 from benchmarks.common import RESULTS, save
 from benchmarks.report import write_readme
+from dnc_ray.config import RayConfig
+from dnc_ray.infra.cluster import init_ray
 
 BENCHMARKS = ["teacher_http", "hf_batch", "serving", "training", "cost", "rate_limits"]
 
@@ -23,11 +29,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=BENCHMARKS)
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     args = parser.parse_args(argv)
+    shared_ray = args.size == "tiny"
+    if shared_ray:
+        init_ray(RayConfig(num_cpus=4))  # each benchmark's own init_ray then joins this one
     for name in args.only:
         print(f"[bench] {name} ({args.size}) ...", flush=True)
         result = importlib.import_module(f"benchmarks.{name}").run(args.size)
         print(f"[bench] {name}: wrote {save(name, args.size, result)}", flush=True)
-        ray.shutdown()  # each benchmark starts the local Ray it needs
+        if not shared_ray:
+            ray.shutdown()  # each benchmark starts the local Ray it needs
+    ray.shutdown()
     print(f"[bench] wrote {write_readme(RESULTS if args.size == 'full' else RESULTS / 'smoke')}")
 
 

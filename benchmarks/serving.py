@@ -34,8 +34,8 @@ from dnc_ray.serve.app import build_app
 from dnc_ray.tasks import GENERIC_RULES, load_rows
 
 SIZES = {
-    "tiny": {"model": "tiny-random-smollm2", "max_tokens": [8, 8], "concurrency": [1, 4], "seconds": 3,
-             "overhead_concurrency": [1, 4], "overhead_seconds": 3, "upstream_latency_s": 0.05},
+    "tiny": {"model": "tiny-random-smollm2", "max_tokens": [8, 8], "concurrency": [1, 4], "seconds": 1.5,
+             "overhead_concurrency": [1, 4], "overhead_seconds": 1.5, "upstream_latency_s": 0.05},
     "full": {"model": "smollm2-135m-instruct", "max_tokens": [48, 64], "concurrency": [1, 4, 8, 16], "seconds": 40,
              "overhead_concurrency": [1, 16], "overhead_seconds": 20, "upstream_latency_s": 0.2},
 }

@@ -34,7 +34,7 @@ LATENCY_S = 0.2
 REQUESTS_PER_ROW = {"two_stage": 2, "self_ask": 2 * SELF_ASK_FOLLOW_UPS + 1}
 # in_flight: requests in flight in all, split evenly over the two models (decomposer, solver) of the
 # one MethodStage actor. The self_ask runs have about as many requests as the two_stage ones.
-SIZES = {"tiny": {"rows": 192, "short_rows": 16, "self_ask_rows": 80, "self_ask_short_rows": 8,
+SIZES = {"tiny": {"rows": 96, "short_rows": 16, "self_ask_rows": 40, "self_ask_short_rows": 8,
                   "sequential_rows": 4, "in_flight": 16},
          "full": {"rows": 4096, "short_rows": 512, "self_ask_rows": 1640, "self_ask_short_rows": 205,
                   "sequential_rows": 25, "in_flight": 64}}

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
+
+from dnc_ray.llm.stub_server import SELF_ASK_FOLLOW_UPS
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "benchmarks" / "results" / "smoke"
@@ -17,44 +21,28 @@ ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own loc
 
 
 def check_teacher_http(result: dict) -> None:
-    rates, p, seconds = result["requests_per_s"], result["params"], result["seconds"]
-    assert result["errors"] == 0
-    assert all(rates[k] > 0 for k in ("sequential_openai_loop", "ray_data_two_stage", "ideal"))
-    assert rates["ideal"] == p["in_flight"] / p["latency_s"]
-    assert rates["ray_data_two_stage"] == pytest.approx(2 * p["rows"] / seconds["run"])
-    extra_s = seconds["run"] - seconds["short_run"]  # at the tiny size start-up noise may outweigh the extra rows
-    if extra_s > 0:
-        assert rates["ray_data_two_stage_steady"] == pytest.approx(2 * (p["rows"] - p["short_rows"]) / extra_s)
-    else:
-        assert rates["ray_data_two_stage_steady"] is None and result["steady_share_of_ideal"] is None
-    assert result["speedup_vs_sequential"] == pytest.approx(rates["ray_data_two_stage"] / rates["sequential_openai_loop"], abs=0.05)
-    assert 0 < result["cpu_busy_share_during_run"] <= 1
-    # self_ask in the same run: every row takes its follow-ups' requests, against the same ideal
-    assert result["self_ask_errors"] == 0
-    assert p["self_ask_requests_per_row"] == 2 * p["self_ask_follow_ups"] + 1
-    requests = result["requests"]
-    assert requests["self_ask_run"] == p["self_ask_requests_per_row"] * p["self_ask_rows"]
-    assert requests["self_ask_short_run"] == p["self_ask_requests_per_row"] * p["self_ask_short_rows"]
-    assert rates["ray_data_self_ask"] > 0
-    assert rates["ray_data_self_ask"] == pytest.approx(requests["self_ask_run"] / seconds["self_ask_run"])
-    assert result["self_ask_share_of_ideal"] == pytest.approx(rates["ray_data_self_ask"] / rates["ideal"], abs=0.001)
-    extra_s = seconds["self_ask_run"] - seconds["self_ask_short_run"]
-    if extra_s > 0:
-        steady = (requests["self_ask_run"] - requests["self_ask_short_run"]) / extra_s
-        assert rates["ray_data_self_ask_steady"] == pytest.approx(steady) and rates["ray_data_self_ask_steady"] > 0
-    else:
-        assert rates["ray_data_self_ask_steady"] is None and result["self_ask_steady_share_of_ideal"] is None
-    assert 0 < result["self_ask_bound_share_of_ideal"] < 1 and 0 < result["cpu_busy_share_during_self_ask_run"] <= 1
+    """Requests counted from the rows' usage against the stand-in's script; rates within what the stand-in's
+    latency allows (one request in flight: at most 1/latency; `in_flight` of them: at most in_flight/latency)."""
+    rates, p, requests = result["requests_per_s"], result["params"], result["requests"]
+    assert result["errors"] == 0 and result["self_ask_errors"] == 0
+    assert (requests["short_run"], requests["run"]) == (2 * p["short_rows"], 2 * p["rows"])  # decompose + solve
+    per_row = 2 * SELF_ASK_FOLLOW_UPS + 1  # the decomposer's turns (follow-ups + the answer) and the solver's answers
+    assert (requests["self_ask_short_run"], requests["self_ask_run"]) == (
+        per_row * p["self_ask_short_rows"], per_row * p["self_ask_rows"])
+    bound = 1.02 * p["in_flight"] / p["latency_s"]
+    assert 0 < rates["sequential_openai_loop"] <= 1.02 / p["latency_s"]
+    assert rates["sequential_openai_loop"] < rates["ray_data_two_stage"] <= bound  # concurrency pays even at this size
+    assert 0 < rates["ray_data_self_ask"] <= bound
+    assert 0 < result["cpu_busy_share_during_run"] <= 1 and 0 < result["cpu_busy_share_during_self_ask_run"] <= 1
 
 
 def check_hf_batch(result: dict) -> None:
-    rates = result["tokens_per_s"]
-    batches = result["params"]["batches"]
+    rates, p = result["tokens_per_s"], result["params"]
+    batches = p["batches"]
     assert set(rates) == {"one_by_one_generate"} | {f"{d}_batch_{b}" for d in ("float32", "bfloat16") for b in batches}
     assert all(v > 0 for v in rates.values())
-    for b in batches:  # both dtypes measured in the same run
-        assert result["bf16_vs_fp32"][f"batch_{b}"] == pytest.approx(
-            rates[f"bfloat16_batch_{b}"] / rates[f"float32_batch_{b}"], abs=0.02)
+    same, total = result["bf16_same_greedy_outputs"].split(" ")[0].split("/")
+    assert int(total) == p["prompts"] and 0 <= int(same) <= int(total)
 
 
 def check_serving(result: dict) -> None:
@@ -69,12 +57,11 @@ def check_serving(result: dict) -> None:
     for point in streamed.values():  # the first token comes before the end of the answer
         assert point["requests"] > 0 and 0 < point["ttft_p50_s"] <= point["ttft_p99_s"]
         assert point["ttft_p50_s"] <= point["p99_s"]
-    for clients, o in result["overhead"].items():
+    for o in result["overhead"].values():
         direct, graph = o["direct_engines"], o["served_graph"]
         assert direct["requests"] > 0 and graph["requests"] > 0
         # every request waits for two upstream calls of the stand-in's latency, through either path
         assert min(direct["p50_s"], graph["p50_s"]) >= 2 * result["params"]["upstream_latency_s"]
-        assert o["added_p50_s"] == pytest.approx(graph["p50_s"] - direct["p50_s"], abs=0.002)
 
 
 def check_training(result: dict) -> None:
@@ -88,10 +75,6 @@ def check_training(result: dict) -> None:
     assert [(r["packing"], r["gradient_checkpointing"]) for r in switched.values()] == [(False, False), (True, False), (False, True)]
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0.1 for r in switched.values())
     assert switched["packing"]["padding_share"] == 0 < switched["baseline"]["padding_share"]  # decompositions differ in length
-    packing, checkpointing = result["packing"], result["gradient_checkpointing"]
-    assert packing["speedup"] == pytest.approx(switched["packing"]["tokens_per_s"] / switched["baseline"]["tokens_per_s"], abs=0.01)
-    assert checkpointing["memory_ratio"] == pytest.approx(
-        switched["gradient_checkpointing"]["peak_memory_gib"] / switched["baseline"]["peak_memory_gib"], abs=0.001)
 
 
 def check_cost(result: dict) -> None:
@@ -100,9 +83,13 @@ def check_cost(result: dict) -> None:
     assert all(s["errors"] == 0 and s["solve_tokens"] > 0 and s["gsm8k_em"] is not None for s in m.values())
     assert m["direct"]["decompose_tokens"] == 0 and m["direct"]["decompose_usd"] == 0
     assert all(m[name]["decompose_tokens"] > 0 for name in list(m)[1:])
-    # cost.yaml prices the student at 13/175 of the teacher: same tiny model, so same tokens, cheaper
-    assert m["student/teacher"]["decompose_usd"] < m["teacher/teacher"]["decompose_usd"]
-    assert result["paper_per_1000_questions"]["teacher/teacher"]["decompose_usd"] == pytest.approx(0.0986, abs=1e-4)
+    # the same tiny greedy model decomposes in both set-ups: the same tokens, each priced at its role's price
+    teacher, student = m["teacher/teacher"], m["student/teacher"]
+    assert student["decompose_tokens"] == teacher["decompose_tokens"]
+    prices = {role: result["params"][role]["price"] for role in ("teacher", "student_decomposer")}
+    price_ratio = prices["student_decomposer"]["input_per_1k"] / prices["teacher"]["input_per_1k"]
+    assert prices["student_decomposer"]["output_per_1k"] / prices["teacher"]["output_per_1k"] == pytest.approx(price_ratio, rel=0.01)
+    assert student["decompose_usd"] / teacher["decompose_usd"] == pytest.approx(price_ratio, rel=0.05)
 
 
 def check_rate_limits(result: dict) -> None:
@@ -140,4 +127,8 @@ def test_benchmark_smoke(smoke_readme, name):
     assert result["benchmark"] == name and result["size"] == "tiny"
     assert result["machine"]["cpu_cores"] > 0 and "ray" in result["machine"]["versions"]
     CHECKS[name](result)
-    assert f"## {name}" in smoke_readme and (SMOKE / f"{name}.png").stat().st_size > 1000
+    # the README's section shows this result's plot, and the plot is an image with something drawn on it
+    [section] = [part for part in smoke_readme.split("\n## ")[1:] if part.startswith(f"{name}\n")]
+    assert f"![{name}]({name}.png)" in section
+    image = matplotlib.image.imread(SMOKE / f"{name}.png")
+    assert image.ndim == 3 and min(image.shape[:2]) >= 200 and len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 10

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import openai
@@ -228,8 +229,20 @@ def session_logs() -> list[Path]:
 
 @pytest.mark.timeout(60)
 def test_no_prompt_text_in_serve_logs(tiny):
-    marker = "Zanzibar-question-3141"
-    assert call(f"{tiny}/v1/solve", {"question": f"How far is {marker}?"})[0] == 200
+    """The question never reaches a log file. Read once the logs of every replica the request went through
+    (ingress, decomposer, solver) name its request id: the files the check reads hold this request's lines."""
+    marker, request_id = "Zanzibar-question-3141", f"log-check-{uuid.uuid4().hex}"
+    status, _ = call(f"{tiny}/v1/solve", {"question": f"How far is {marker}?"}, {"x-request-id": request_id})
+    assert status == 200
+
+    def replicas_logging_the_request() -> set[str]:
+        return {p.name.split("_")[2] for p in session_logs() if p.name.startswith("replica_tiny_")
+                and request_id in p.read_text(errors="ignore")}
+
+    deadline = time.monotonic() + 30
+    while replicas_logging_the_request() != {"Ingress", "Decomposer", "Solver"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert replicas_logging_the_request() == {"Ingress", "Decomposer", "Solver"}  # the positive control
     assert not [p for p in session_logs() if marker in p.read_text(errors="ignore")]
 
 

@@ -178,11 +178,14 @@ EXPECTED_ANSWERS = ["2", "2", "150", "180", "1", "5", "20", "20 GB"]
 
 
 def test_recorded_file_matches_its_recipe():
+    """The recording is of the first 8 GSM8K test questions as the bundled task loads them now, with their golds."""
+    from dnc_ray.config import TaskConfig
+    from dnc_ray.tasks import load_rows
+
     assert RECORDED["model"] == "smollm2-135m-instruct"
-    assert len(RECORDED["decompositions"]) == len(RECORDED["solutions"]) == 8
-    golds = [s["gold"] for s in RECORDED["solutions"]]
-    assert golds == ["18", "3", "70000", "540", "20", "64", "260", "160"]
-    assert [d["question"] for d in RECORDED["decompositions"]] == [s["question"] for s in RECORDED["solutions"]]
+    rows = load_rows(TaskConfig(name="gsm8k", split="test", limit=8))
+    assert [d["question"] for d in RECORDED["decompositions"]] == [r["question"] for r in rows]
+    assert [(s["question"], s["gold"]) for s in RECORDED["solutions"]] == [(r["question"], r["answers"][0][0]) for r in rows]
 
 
 @pytest.mark.parametrize("index", range(8))

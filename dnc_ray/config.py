@@ -382,7 +382,14 @@ VARIANTS = ("sd-t", "sd-r", "se-t", "se-a")
 class DeepSpeedConfig(_Strict):
     zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +weights")
     offload_optimizer: bool = Field(False, description="keep optimizer state in CPU memory (GPU runs only)")
-    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _precision_moved(cls, data):
+        if isinstance(data, dict) and "precision" in data:
+            raise ValueError("deepspeed.precision is now the training config's `dtype` (auto, float32, bfloat16; "
+                             "bf16 -> bfloat16, fp32 -> float32)")
+        return data
 
 
 class LoraConfig(_Strict):
@@ -427,6 +434,10 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps spent warming up")
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 mixed precision (fp32 master weights) where the workers' device computes bf16 "
+        "natively (GPU, or CPU with AVX512-BF16/AMX), else float32"
+    )
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     lora: LoraConfig | None = None
     num_workers: int = Field(2, gt=0)
@@ -479,8 +490,6 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _gpu_settings_agree(self) -> "TrainConfig":
-        if not self.use_gpu and self.deepspeed.precision == "bf16":
-            raise ValueError("deepspeed.precision bf16 needs a GPU: set use_gpu: true, or use fp32")
         if not self.use_gpu and self.deepspeed.offload_optimizer:
             raise ValueError("deepspeed.offload_optimizer moves GPU optimizer state to CPU: it needs use_gpu: true")
         return self

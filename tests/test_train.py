@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dnc_ray.config import ConfigError, HFModel, TrainConfig, load_config
+from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.models import TINY_RANDOM, ModelRefError, resolve_model
 from dnc_ray.method.prompts import decompose_messages
@@ -254,7 +255,8 @@ def test_train_set_problems_name_the_file(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ("variant: sd-t\ndeepspeed: {precision: bf16}", "deepspeed.precision bf16 needs a GPU: set use_gpu: true"),
+        ("variant: sd-t\ndeepspeed: {precision: bf16}", "deepspeed.precision is now the training config's `dtype`"),
+        ("variant: sd-t\ndtype: float16", "line 4, field `dtype`: Input should be 'auto', 'float32' or 'bfloat16'"),
         ("variant: sd-t\ndeepspeed: {zero_stage: 4}", "line 4, field `deepspeed.zero_stage`: Input should be less"),
         ("variant: sd-t\ndeepspeed: {offload_optimizer: true}", "offload_optimizer moves GPU optimizer state to CPU"),
         ("variant: sd-x", "line 3, field `variant`: Input should be 'sd-t', 'sd-r', 'se-t' or 'se-a'"),
@@ -306,7 +308,7 @@ def test_paper_gpu_config_is_the_papers_setting():
     cfg = load_config(Path(__file__).parents[1] / "jobs/configs/train-paper-sdr-gpu.yaml", TrainConfig)
     assert (cfg.global_batch_size, cfg.lr, cfg.num_epochs, cfg.num_workers) == (128, 2e-5, 5, 8)
     assert cfg.accumulation_steps == 4 and cfg.variant == "sd-r" and cfg.use_gpu
-    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (3, "bf16")
+    assert (cfg.deepspeed.zero_stage, cfg.dtype) == (3, "bfloat16")
     assert cfg.packing and cfg.gradient_checkpointing and cfg.evaluates and cfg.exports == "best"
     assert plan_steps(cfg, rows=12800)["steps"] == 500  # 100 steps an epoch
 
@@ -358,6 +360,23 @@ def assert_trained(cfg: TrainConfig, summary: dict, fall: float = 2.0) -> list[d
 def test_zero2_loss_falls_and_checkpoints_are_written(zero2):
     cfg, summary = zero2
     assert_trained(cfg, summary)
+
+
+@pytest.mark.timeout(120)
+def test_dtype_auto_trains_in_bf16_where_native_and_is_recorded(zero2):
+    """The default dtype (auto) resolves as resolve_dtype does for this machine's CPU: bf16 mixed precision with
+    native bf16 (AVX512-BF16/AMX), else fp32; DeepSpeed ran in it, and the summary and metrics.jsonl record it."""
+    cfg, summary = zero2
+    caps = device_caps()
+    expected = resolve_dtype("auto", "cpu", caps)
+    assert cfg.dtype == "auto" and expected == ("bfloat16" if caps.cpu_bf16 else "float32")
+    assert summary["dtype"] == expected
+    assert {s["dtype"] for s in metrics(Path(cfg.output))} == {expected}
+    # DeepSpeed's bf16 optimizer keeps fp32 master weights in its own checkpoint files; the exported model is bf16
+    _, last = checkpoint_steps(Path(cfg.output))[-1]
+    optimizer_files = [f.name for f in (last / "checkpoint" / "global_step8").glob("*optim_states.pt")]
+    assert len(optimizer_files) == 2 and all(f.startswith("bf16_") == (expected == "bfloat16") for f in optimizer_files)
+    assert json.loads((Path(summary["model"]) / "config.json").read_text())["dtype"] == expected
 
 
 def assert_exported(model_dir: Path, learned: str = "How many") -> None:

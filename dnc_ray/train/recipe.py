@@ -44,6 +44,7 @@ import tempfile
 import deepspeed
 import peft
 import pyarrow.fs as pafs
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -75,6 +76,7 @@ from transformers.utils import logging as hf_logging
 from dnc_ray.config import ConfigError, TrainConfig
 from dnc_ray.infra import storage
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.models import resolve_model
 from dnc_ray.method.prompts import parse_subquestions
 from dnc_ray.train import TrainSetError
@@ -100,8 +102,9 @@ EVAL_NEW_TOKENS = 128  # per greedy generation of the parse rate: a few sub-ques
 SCORE = "checkpoint_score"  # what Ray Train ranks checkpoints by with keep_best
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
-    """The DeepSpeed config; the Trainer fills each "auto" from the TrainingArguments below."""
+def deepspeed_config(cfg: TrainConfig, dtype: str) -> dict:
+    """The DeepSpeed config (`dtype` resolved: bfloat16 or float32); the Trainer fills each "auto" from the
+    TrainingArguments below."""
     # Bucket sizes from the model's hidden size (DeepSpeed's fixed defaults hold 5e8 elements)
     zero = {"stage": cfg.deepspeed.zero_stage, "reduce_bucket_size": "auto"}
     if cfg.deepspeed.offload_optimizer:
@@ -113,7 +116,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     params = {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear", **schedule["params"]}
     return {
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "bf16": {"enabled": dtype == "bfloat16"},
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
@@ -130,9 +133,9 @@ def training_args(cfg: TrainConfig, plan: dict, work_dir: str) -> TrainingArgume
     evaluates = plan["eval_rows"] > 0
     return TrainingArguments(
         output_dir=work_dir,  # this worker's local checkpoints; RayTrainReportCallback persists them
-        deepspeed=deepspeed_config(cfg),
+        deepspeed=deepspeed_config(cfg, plan["dtype"]),
         use_cpu=not cfg.use_gpu,
-        bf16=cfg.deepspeed.precision == "bf16",
+        bf16=plan["dtype"] == "bfloat16",
         max_steps=plan["steps"],
         per_device_train_batch_size=cfg.per_worker_batch_size,
         gradient_accumulation_steps=plan["accumulation"],
@@ -196,6 +199,7 @@ class StudentTrainer(Trainer):
         """Every log: the epoch in passes over the data; a training log also the padding share and peak memory."""
         self.state.epoch = round(self.state.global_step * self.plan["accumulation"] / self.plan["batches_per_pass"], 4)
         if "loss" in logs:
+            logs["dtype"] = self.plan["dtype"]  # kept in the checkpoints' log history: a resumed run shows both
             tokens, padding = all_reduce(self.seen.clone(), self.args.device).tolist()  # every rank logs at this step
             logs["padding_share"] = round(padding / tokens, 4) if tokens else 0.0
             logs["peak_memory_gib"] = peak_memory_gib()  # this worker's: rank 0's is the one kept
@@ -413,6 +417,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         checkpoint = ray.train.get_checkpoint() or (Checkpoint(cfg.resume_from) if cfg.resume_from else None)
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
             resume = restored and os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
+            if resume and rank == 0:
+                warn_if_dtype_changed(_state(resume), plan["dtype"])
             if not resume or not finished(cfg, _state(resume), plan["steps"]):  # a finished run is not trained again
                 trainer.train(resume_from_checkpoint=resume)
             if cfg.wandb and rank == 0:
@@ -424,6 +430,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 logs.sync()
                 return summary
     return None
+
+
+def warn_if_dtype_changed(state: TrainerState, dtype: str) -> None:
+    trained = [entry["dtype"] for entry in state.log_history if "dtype" in entry]
+    if trained and trained[-1] != dtype:
+        logger.warning(f"[train] resuming a run trained in {trained[-1]} up to step {state.global_step} in {dtype}: "
+                       "metrics.jsonl shows each step's dtype")
 
 
 def finished(cfg: TrainConfig, state: TrainerState, steps: int) -> bool:
@@ -555,7 +568,9 @@ def run_train(cfg: TrainConfig) -> dict:
             raise TrainSetError(f"eval set {source['uri']}: {eval_rows} usable rows for {cfg.num_workers} workers")
         if cfg.variant in ("sd-t", "sd-r") and cfg.eval_generations:
             prompts = eval_prompts(read_rows_of(source["uri"], source["ids"]), cfg.eval_generations)
-    plan = plan_steps(cfg, counts["used"]) | {"eval_rows": eval_rows, "prompts": prompts}
+    plan = plan_steps(cfg, counts["used"]) | {"eval_rows": eval_rows, "prompts": prompts, "dtype": training_dtype(cfg)}
+    print(f"[train] dtype {plan['dtype']}" + (f" (auto on {'GPU' if cfg.use_gpu else 'CPU'})" if cfg.dtype == "auto" else "")
+          + (": bf16 mixed precision, fp32 master weights" if plan["dtype"] == "bfloat16" else ""), flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
@@ -582,10 +597,22 @@ def run_train(cfg: TrainConfig) -> dict:
     batches = {"num_epochs": None if cfg.max_steps else cfg.num_epochs, "planned_steps": plan["steps"],
                "gradient_accumulation_steps": plan["accumulation"],
                "global_batch_size": cfg.num_workers * cfg.per_worker_batch_size * plan["accumulation"],
-               "eval_rows": eval_rows}
+               "eval_rows": eval_rows, "dtype": plan["dtype"]}
     summary = {**result.return_value, **counts, **batches, "model": f"{cfg.output}/model", "checkpoint": latest}
     print("[train] done: " + ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     return summary
+
+
+def training_dtype(cfg: TrainConfig) -> str:
+    """The dtype the workers train in (`auto` resolved), found by a Ray task with a worker's GPU, so on the kind of
+    machine the workers run on; one answer for every worker (DeepSpeed needs them to agree)."""
+    task = _dtype_on_a_worker.options(num_gpus=1 if cfg.use_gpu else None)
+    return ray.get(task.remote(cfg.dtype, "cuda" if cfg.use_gpu else "cpu"))
+
+
+@ray.remote(num_cpus=0)
+def _dtype_on_a_worker(requested: str, device: str) -> str:
+    return resolve_dtype(requested, device, device_caps())
 
 
 def read_rows_of(uri: str, ids: list[str] | None) -> dict[str, list]:

@@ -1,12 +1,16 @@
 """Training: tokens/s and peak memory of `dnc train` (Ray Train + DeepSpeed) per ZeRO stage, 1 worker against 2;
-and two switches, each against its baseline in the same run: padding-free packing (tokens/s, share of
-padding) and gradient checkpointing (peak memory, tokens/s).
+two switches, each against its baseline in the same run: padding-free packing (tokens/s, share of padding) and
+gradient checkpointing (peak memory, tokens/s); and the dtype: fp32 against bf16 mixed precision (fp32 master
+weights), the same rows and steps, tokens/s and the loss at every step.
 
 The training set is the S_D-T set of GSM8K test's reference (socratic) decompositions (no model call). Each run takes
 the same number of optimizer steps per worker; tokens/s is the steady rate (every real token all workers
 saw after the first step, over the time it took; padding is not counted), peak memory is rank 0's (resident
 memory on CPU). At full size the switches run at a larger micro-batch than the ZeRO runs, where padding and
 activations weigh more; their baseline is the same run with both switches off (at the tiny size, the ZeRO run).
+The ZeRO and switch runs train in the default dtype (`auto`: bf16 on a CPU with AVX512-BF16/AMX, else fp32); the
+dtype runs name theirs, and at full size take more steps (an epoch over the rows) for a loss curve; at the tiny
+size a run of the default dtype counts as that dtype's run.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from dnc_ray.train.recipe import run_train
 
 SIZES = {
     "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 2)],
-             "switches": {"zero_stage": 3, "workers": 2, "per_worker_batch_size": 2}},
+             "switches": {"zero_stage": 3, "workers": 2, "per_worker_batch_size": 2},
+             "dtypes": {"zero_stage": 3, "workers": 2, "per_worker_batch_size": 2, "steps": 3}},
     "full": {"model": "smollm2-135m-instruct", "rows": 64, "steps": 6,
              "runs": [(stage, workers) for stage in (0, 2, 3) for workers in (1, 2)],
-             "switches": {"zero_stage": 2, "workers": 2, "per_worker_batch_size": 8}},
+             "switches": {"zero_stage": 2, "workers": 2, "per_worker_batch_size": 8},
+             "dtypes": {"zero_stage": 2, "workers": 2, "per_worker_batch_size": 2, "steps": 16}},  # 64 rows: an epoch
 }
+DTYPES = ("float32", "bfloat16")
 BATCH_PER_WORKER, MAX_LENGTH = 2, 256
 SWITCHES = {"baseline": {}, "packing": {"packing": True}, "gradient_checkpointing": {"gradient_checkpointing": True}}
 
@@ -53,12 +60,28 @@ def train_once(train_set: str, output: str, model: str, steps: int, zero_stage: 
                       max_steps=steps, per_worker_batch_size=per_worker_batch_size, lr=1e-4, num_workers=workers,
                       cpus_per_worker=1, checkpoint_every_steps=steps, log_every_steps=steps, tensorboard=False,
                       deepspeed={"zero_stage": zero_stage}, **switches)
-    run_train(cfg)
+    summary = run_train(cfg)
     metrics = [json.loads(line) for line in Path(output, "metrics.jsonl").read_text().splitlines()]
     return {"zero_stage": zero_stage, "workers": workers, "per_worker_batch_size": per_worker_batch_size,
-            "packing": cfg.packing, "gradient_checkpointing": cfg.gradient_checkpointing,
-            "tokens_per_s": round(steady_rate(metrics), 1), "peak_memory_gib": metrics[-1]["peak_memory_gib"],
-            "padding_share": metrics[-1]["padding_share"], "final_loss": metrics[-1]["loss"]}
+            "packing": cfg.packing, "gradient_checkpointing": cfg.gradient_checkpointing, "dtype": summary["dtype"],
+            "steps": len(metrics), "tokens_per_s": round(steady_rate(metrics), 1),
+            "peak_memory_gib": metrics[-1]["peak_memory_gib"], "padding_share": metrics[-1]["padding_share"],
+            "final_loss": metrics[-1]["loss"], "losses": [round(m["loss"], 4) for m in metrics]}
+
+
+def dtype_runs(train_set: str, folder: str, model: str, d: dict, runs: list[dict]) -> dict[str, dict]:
+    """fp32 and bf16 at the same settings, rows and steps; a run already made with them (in the default dtype)
+    counts as its dtype's run."""
+    found = {}
+    for dtype in DTYPES:
+        same = [r for r in runs if (r["zero_stage"], r["workers"], r["per_worker_batch_size"], r["steps"], r["dtype"],
+                                    r["packing"], r["gradient_checkpointing"]) ==
+                (d["zero_stage"], d["workers"], d["per_worker_batch_size"], d["steps"], dtype, False, False)]
+        found[dtype] = same[0] if same else train_once(train_set, f"{folder}/{dtype}", model, d["steps"], d["zero_stage"],
+                                                       d["workers"], d["per_worker_batch_size"], dtype=dtype)
+        print(f"[bench] training {dtype}: {found[dtype]['tokens_per_s']} tokens/s, loss per step {found[dtype]['losses']}",
+              flush=True)
+    return found
 
 
 def run(size: str) -> dict:
@@ -68,6 +91,7 @@ def run(size: str) -> dict:
         train_set = training_set(folder, p["rows"])
         runs = [train_once(train_set, f"{folder}/zero{stage}-w{workers}", p["model"], p["steps"], stage, workers)
                 for stage, workers in p["runs"]]
+        dtyped = dtype_runs(train_set, folder, p["model"], p["dtypes"], runs)
         s = p["switches"]
         switched = {}
         for name, settings in SWITCHES.items():
@@ -80,9 +104,12 @@ def run(size: str) -> dict:
                                         s["workers"], s["per_worker_batch_size"], **settings)
     by_name = {f"zero{r['zero_stage']}_{r['workers']}w": r for r in runs}
     base = switched["baseline"]
+    fp32, bf16 = dtyped["float32"], dtyped["bfloat16"]
+    differences = [abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"])]
     result = {
         "params": {"model": p["model"], "rows": p["rows"], "steps": p["steps"], "per_worker_batch_size": BATCH_PER_WORKER,
-                   "max_length": MAX_LENGTH, "cpus_per_worker": 1, "precision": "fp32", "switches": s},
+                   "max_length": MAX_LENGTH, "cpus_per_worker": 1, "lr": 1e-4, "dtype": "auto", "switches": s,
+                   "dtypes": p["dtypes"]},
         "tokens_per_s": {name: r["tokens_per_s"] for name, r in by_name.items()},
         "peak_memory_gib": {name: r["peak_memory_gib"] for name, r in by_name.items()},
         "runs": runs,
@@ -98,6 +125,17 @@ def run(size: str) -> dict:
             "memory_ratio": round(switched["gradient_checkpointing"]["peak_memory_gib"] / base["peak_memory_gib"], 3),
             "speed_ratio": round(switched["gradient_checkpointing"]["tokens_per_s"] / base["tokens_per_s"], 2),
         },
+        "dtype_runs": dtyped,
+        "dtype": {
+            "default_resolves_to": runs[0]["dtype"],
+            "tokens_per_s": {"float32": fp32["tokens_per_s"], "bfloat16": bf16["tokens_per_s"]},
+            "bf16_speedup": round(bf16["tokens_per_s"] / fp32["tokens_per_s"], 2),
+            "peak_memory_gib": {"float32": fp32["peak_memory_gib"], "bfloat16": bf16["peak_memory_gib"]},
+            "final_loss": {"float32": fp32["final_loss"], "bfloat16": bf16["final_loss"]},
+            "loss_difference": {"mean_abs": round(sum(differences) / len(differences), 4),
+                                "max_abs": round(max(differences), 4),
+                                "final": round(bf16["final_loss"] - fp32["final_loss"], 4)},
+        },
     }
     result["speedup_2w_vs_1w"] = {
         f"zero{stage}": round(by_name[f"zero{stage}_2w"]["tokens_per_s"] / by_name[f"zero{stage}_1w"]["tokens_per_s"], 2)
@@ -107,7 +145,8 @@ def run(size: str) -> dict:
 
 
 def render(result: dict, folder: Path) -> str:
-    rows = [{"ZeRO stage": r["zero_stage"], "workers": r["workers"], "tokens/s (all workers)": r["tokens_per_s"],
+    rows = [{"ZeRO stage": r["zero_stage"], "workers": r["workers"], "dtype": r.get("dtype", "float32"),
+             "tokens/s (all workers)": r["tokens_per_s"],
              "peak memory GiB (rank 0)": r["peak_memory_gib"], "final loss": round(r["final_loss"], 3)}
             for r in result["runs"]]
     names = list(result["tokens_per_s"])
@@ -128,7 +167,7 @@ def render(result: dict, folder: Path) -> str:
     ]
     if "switch_runs" in result:  # results written before the switches were measured have none
         s, pk, gc = result["params"]["switches"], result["packing"], result["gradient_checkpointing"]
-        switch_rows = [{"run": name, "tokens/s (all workers)": r["tokens_per_s"], "padding share": r["padding_share"],
+        switch_rows = [{"run": name, "dtype": r.get("dtype", "float32"), "tokens/s (all workers)": r["tokens_per_s"], "padding share": r["padding_share"],
                         "peak memory GiB (rank 0)": r["peak_memory_gib"], "final loss": round(r["final_loss"], 3)}
                        for name, r in result["switch_runs"].items()]
         sections += [
@@ -140,4 +179,31 @@ def render(result: dict, folder: Path) -> str:
             f"{gc['peak_memory_gib']['on']} GiB against {gc['peak_memory_gib']['off']} ({gc['memory_ratio']}x), at "
             f"{gc['speed_ratio']}x the tokens/s.",
         ]
+    if "dtype_runs" in result:  # results written before the dtype was measured have none
+        sections += render_dtype(result, folder)
     return "\n\n".join(sections)
+
+
+def render_dtype(result: dict, folder: Path) -> list[str]:
+    d, x, runs = result["params"]["dtypes"], result["dtype"], result["dtype_runs"]
+    rows = [{"dtype": name, "tokens/s (all workers)": r["tokens_per_s"], "peak memory GiB (rank 0)": r["peak_memory_gib"],
+             "first loss": round(r["losses"][0], 3), "final loss": round(r["final_loss"], 3)} for name, r in runs.items()]
+    diff = x["loss_difference"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    for name, r in runs.items():
+        left.plot(range(1, len(r["losses"]) + 1), r["losses"], marker=".", label=name)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.legend()
+    right.bar(list(runs), [r["tokens_per_s"] for r in runs.values()], color=["#4878a8", "#58a848"])
+    right.set_ylabel("tokens / s")
+    return [
+        f"dtype: fp32 against bf16 mixed precision (DeepSpeed's bf16: bf16 weights and activations, fp32 master "
+        f"weights and optimizer state), ZeRO-{d['zero_stage']}, {d['workers']} workers, {d['per_worker_batch_size']} "
+        f"rows per micro-batch, the same rows and {d['steps']} steps:",
+        table(rows, list(rows[0])),
+        f"bf16: {x['bf16_speedup']}x the tokens/s of fp32; training loss per step differs by {diff['mean_abs']} on "
+        f"average (at most {diff['max_abs']}; final loss bf16 - fp32: {diff['final']:+}). `dtype: auto` resolved to "
+        f"{x['default_resolves_to']} here (the ZeRO and switch runs above).",
+        save_figure(fig, folder, "training_dtype"),
+    ]

@@ -13,6 +13,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.stub_server import SELF_ASK_FOLLOW_UPS
 
 ROOT = Path(__file__).parent.parent
@@ -75,6 +76,13 @@ def check_training(result: dict) -> None:
     assert [(r["packing"], r["gradient_checkpointing"]) for r in switched.values()] == [(False, False), (True, False), (False, True)]
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0.1 for r in switched.values())
     assert switched["packing"]["padding_share"] == 0 < switched["baseline"]["padding_share"]  # decompositions differ in length
+    # the dtype axis: the ZeRO run in the default dtype (auto, as this machine resolves it) and one run in the other,
+    # at the same settings and steps; their first steps see the same rows from the same weights
+    dtyped = result["dtype_runs"]
+    assert list(dtyped) == ["float32", "bfloat16"] and all(r["dtype"] == name for name, r in dtyped.items())
+    assert run["dtype"] == resolve_dtype("auto", "cpu", device_caps()) and dtyped[run["dtype"]] == run
+    assert all(len(r["losses"]) == r["steps"] == run["steps"] and r["tokens_per_s"] > 0 for r in dtyped.values())
+    assert dtyped["bfloat16"]["losses"][0] == pytest.approx(dtyped["float32"]["losses"][0], rel=0.01)
 
 
 def check_cost(result: dict) -> None:

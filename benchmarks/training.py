@@ -105,7 +105,7 @@ def run(size: str) -> dict:
     by_name = {f"zero{r['zero_stage']}_{r['workers']}w": r for r in runs}
     base = switched["baseline"]
     fp32, bf16 = dtyped["float32"], dtyped["bfloat16"]
-    differences = [abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"])]
+    differences = [abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"], strict=True)]
     result = {
         "params": {"model": p["model"], "rows": p["rows"], "steps": p["steps"], "per_worker_batch_size": BATCH_PER_WORKER,
                    "max_length": MAX_LENGTH, "cpus_per_worker": 1, "lr": 1e-4, "dtype": "auto", "switches": s,

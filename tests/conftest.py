@@ -18,6 +18,17 @@ from dnc_ray.method.prompts import (  # noqa: E402
     SOLVE_INSTRUCTION,
 )
 
+SLOW_FIXTURES = {"ray_local", "local_cluster"}  # Ray starts: seconds to minutes a test
+SLOW_MODULES = {"test_benchmarks.py"}  # every benchmark at its tiny size
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses Ray or runs a benchmark is `slow` (explicit marks add the rest): `make test-fast`
+    leaves them out."""
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

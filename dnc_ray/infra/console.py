@@ -51,7 +51,7 @@ def terminal() -> TextIO:
 
 def quiet() -> None:
     """From here on, fds 1 and 2 write to a log file; the terminal keeps `say`'s lines and tracebacks."""
-    if _Terminal.out is not None:
+    if _Terminal.out is not None or not _own_streams():
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -119,6 +119,14 @@ def _worker_lines(batch: dict) -> None:
             if _Terminal.last_line.get(batch.get("pid")) != line:
                 print(line, file=_Terminal.out, flush=True)
             _Terminal.last_line[batch.get("pid")] = line
+
+
+def _own_streams() -> bool:
+    """Python's stdout and stderr are the process's fds 1 and 2 (not captured already, as by pytest)."""
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _redirect(fd: int) -> None:

@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import logging
 import math
 import os
 import resource
@@ -74,7 +73,7 @@ from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from dnc_ray.config import ConfigError, TrainConfig
-from dnc_ray.infra import storage
+from dnc_ray.infra import console, storage
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.models import resolve_model
@@ -91,7 +90,6 @@ from dnc_ray.train.data import (
     tokenized_dataset,
 )
 
-logger = logging.getLogger(__name__)
 
 # DeepSpeed's warm-up schedules: linear warm-up from 0, then cosine or linear decay over the run.
 SCHEDULES = {
@@ -318,14 +316,15 @@ class Progress(TrainerCallback):
         step = state.global_step
         if "eval_loss" in logs and state.is_world_process_zero:
             parse = f"  parse rate {logs['eval_parse_rate']:.2f}" if "eval_parse_rate" in logs else ""
-            logger.info(f"[train] eval at step {step}: loss {logs['eval_loss']:.4f}{parse}")
+            console.say(f"[train] eval at step {step}: loss {logs['eval_loss']:.4f}{parse}")
         if "loss" not in logs or (step % self.every and step != state.max_steps):
             return
         ray.train.report({**logs, "step": step})  # every rank: a report is a barrier
         if state.is_world_process_zero:
-            logger.info(
+            eta = logs["train_runtime"] / step * (state.max_steps - step)  # steps run so far at their mean pace
+            console.say(
                 f"[train] step {step}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs['learning_rate']:.2e}  "
-                f"{logs['train_tokens_per_second']:.0f} tok/s  {logs['train_runtime']:.0f}s"
+                f"{logs['train_tokens_per_second']:.0f} tok/s  elapsed {logs['train_runtime']:.0f}s  eta {eta:.0f}s"
             )
 
     def on_save(self, args, state, control, **kwargs):
@@ -435,8 +434,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
 def warn_if_dtype_changed(state: TrainerState, dtype: str) -> None:
     trained = [entry["dtype"] for entry in state.log_history if "dtype" in entry]
     if trained and trained[-1] != dtype:
-        logger.warning(f"[train] resuming a run trained in {trained[-1]} up to step {state.global_step} in {dtype}: "
-                       "metrics.jsonl shows each step's dtype")
+        console.say(f"[train] warning: resuming a run trained in {trained[-1]} up to step {state.global_step} in {dtype}: "
+                    "metrics.jsonl shows each step's dtype")
 
 
 def finished(cfg: TrainConfig, state: TrainerState, steps: int) -> bool:
@@ -551,9 +550,9 @@ def run_train(cfg: TrainConfig) -> dict:
     init_ray(cfg.ray)
     dataset, counts = tokenized_dataset(cfg.train_set, cfg.model, cfg.max_length, cfg.seed, ids=held_out, keep=False)
     counts = {"rows": rows, **counts, "dropped": rows - held_out_rows - counts["used"]}
-    print(f"[train] {cfg.train_set}: {rows} rows, {counts['used']} used, {counts['truncated']} truncated, "
-          f"{counts['dropped']} dropped (max_length {cfg.max_length})"
-          + (f", {held_out_rows} held out for evaluation" if held_out else ""), flush=True)
+    console.say(f"[train] {cfg.train_set}: {rows} rows, {counts['used']} used, {counts['truncated']} truncated, "
+                f"{counts['dropped']} dropped (max_length {cfg.max_length})"
+                + (f", {held_out_rows} held out for evaluation" if held_out else ""))
     if counts["used"] < cfg.num_workers:
         raise TrainSetError(f"train set {cfg.train_set}: {counts['used']} usable rows for {cfg.num_workers} workers")
     source = {"uri": cfg.eval_set, "ids": None} if cfg.eval_set else {"uri": cfg.train_set, "ids": held_out}
@@ -562,15 +561,15 @@ def run_train(cfg: TrainConfig) -> dict:
         datasets["eval"], eval_counts = tokenized_dataset(source["uri"], cfg.model, cfg.max_length, cfg.seed,
                                                           ids=source["ids"], keep=True)
         eval_rows = eval_counts["used"]
-        print(f"[train] eval: {eval_rows} rows of {source['uri']}"
-              + (f" ({len(held_out)} question ids held out)" if held_out else ""), flush=True)
+        console.say(f"[train] eval: {eval_rows} rows of {source['uri']}"
+                    + (f" ({len(held_out)} question ids held out)" if held_out else ""))
         if eval_rows < cfg.num_workers:
             raise TrainSetError(f"eval set {source['uri']}: {eval_rows} usable rows for {cfg.num_workers} workers")
         if cfg.variant in ("sd-t", "sd-r") and cfg.eval_generations:
             prompts = eval_prompts(read_rows_of(source["uri"], source["ids"]), cfg.eval_generations)
     plan = plan_steps(cfg, counts["used"]) | {"eval_rows": eval_rows, "prompts": prompts, "dtype": training_dtype(cfg)}
-    print(f"[train] dtype {plan['dtype']}" + (f" (auto on {'GPU' if cfg.use_gpu else 'CPU'})" if cfg.dtype == "auto" else "")
-          + (": bf16 mixed precision, fp32 master weights" if plan["dtype"] == "bfloat16" else ""), flush=True)
+    console.say(f"[train] dtype {plan['dtype']}" + (f" (auto on {'GPU' if cfg.use_gpu else 'CPU'})" if cfg.dtype == "auto" else "")
+                + (": bf16 mixed precision, fp32 master weights" if plan["dtype"] == "bfloat16" else ""))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
@@ -599,7 +598,7 @@ def run_train(cfg: TrainConfig) -> dict:
                "global_batch_size": cfg.num_workers * cfg.per_worker_batch_size * plan["accumulation"],
                "eval_rows": eval_rows, "dtype": plan["dtype"]}
     summary = {**result.return_value, **counts, **batches, "model": f"{cfg.output}/model", "checkpoint": latest}
-    print("[train] done: " + ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
+    console.say("[train] done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
 
 

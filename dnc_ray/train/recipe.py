@@ -90,7 +90,6 @@ from dnc_ray.train.data import (
     tokenized_dataset,
 )
 
-
 # DeepSpeed's warm-up schedules: linear warm-up from 0, then cosine or linear decay over the run.
 SCHEDULES = {
     "cosine": {"type": "WarmupCosineLR", "params": {}},

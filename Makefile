@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup lint test quickstart bench clean
+.PHONY: setup lint test test-fast quickstart bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest -q --durations=10
+
+# The edit-test loop: everything not marked `slow` (no Ray, no training, no subprocess `dnc`, no benchmark).
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow" --durations=5
 
 quickstart: setup
 	$(VENV)/bin/dnc pipeline --config jobs/configs/quickstart.yaml

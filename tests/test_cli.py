@@ -13,6 +13,8 @@ from dnc_ray.infra.store import RunStore
 from dnc_ray.method.row import new_row, to_table
 from dnc_ray.stages.generate import run_identity  # imports ray; starts nothing
 
+pytestmark = pytest.mark.slow  # every test runs `dnc` in a subprocess (seconds of imports each)
+
 TIMEOUT_S = 120
 
 

@@ -116,6 +116,7 @@ exit 0
 """
 
 
+@pytest.mark.slow  # a subprocess `dnc`: seconds of imports
 def test_start_returns_only_once_the_head_accepts_jobs(tmp_path):
     """The dashboard (and `ray list nodes`) answers before the head's job agent: `start` must wait for the agent."""
     fake = tmp_path / "ray"

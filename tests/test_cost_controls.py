@@ -411,6 +411,7 @@ def test_a_batch_budget_stops_and_a_raised_one_resumes_without_paying_twice(tmp_
         assert len(server.batch_api.lines) == 16 > lines  # 8 decompositions and 8 solves, each once
 
 
+@pytest.mark.slow  # a subprocess `dnc`: seconds of imports
 def test_a_driver_killed_while_its_batch_runs_is_restarted_on_the_same_batch(tmp_path):
     """The driver (a `dnc generate` process) is killed while round 1's batch is in progress; the restarted one
     waits for that batch (same id), takes its answers, submits only round 2: nothing is submitted twice."""

@@ -353,6 +353,7 @@ def test_dnc_serve_config_validates():
     assert cfg.host == "127.0.0.1" and cfg.decomposer.num_cpus + cfg.solver.num_cpus + cfg.ingress.num_cpus <= 2
 
 
+@pytest.mark.slow  # a subprocess `dnc`: seconds of imports
 def test_bad_serve_config_is_one_clear_error(tmp_path):
     bad = tmp_path / "serve.yaml"
     bad.write_text("decomposer:\n  model: {engine: hf}\n  replicas: 2\n  autoscaling: {max_replicas: 4}\n"

@@ -436,6 +436,7 @@ def test_study_manifests_validate_against_their_schemas():
     assert int(gpus["resources"]["limits"]["nvidia.com/gpu"]) >= llm.engine_kwargs["tensor_parallel_size"]
 
 
+@pytest.mark.slow  # a subprocess `dnc`: seconds of imports
 def test_cli_study_plan_and_a_config_error(tmp_path):
     """`dnc study --plan` lists what a submission would build, starting nothing; a bad key is one line, exit 2."""
     import subprocess

@@ -314,6 +314,7 @@ def test_paper_gpu_config_is_the_papers_setting():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # a subprocess `dnc`: seconds of imports
 def test_cli_reports_a_bad_train_set_in_one_line(tmp_path):
     wrong = write_set(tmp_path / "wrong.parquet", [row(0, variant="se-t")])
     config = tmp_path / "train.yaml"

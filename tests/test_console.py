@@ -81,3 +81,26 @@ def test_train_shows_each_logged_step_once_and_keeps_ray_train_logs_in_files(ray
     assert all(" tok/s " in line and " eta " in line for line in steps)
     assert run.stdout.splitlines()[-1].startswith("[train] done: steps 4")
     assert "Reporting training result" in (tmp_path / "student" / "logs" / "workers.log").read_text()
+
+
+def test_the_served_app_says_one_line_per_request(capsys):
+    """`dnc serve`'s terminal: method, route, status and latency of each request, refused ones included."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from dnc_ray.serve.api import Guard
+
+    app = FastAPI()
+
+    @app.post("/v1/echo")
+    async def echo(body: dict) -> dict:
+        return body
+
+    app.add_middleware(Guard, token=None, max_body_bytes=64)
+    with TestClient(app) as client:
+        assert client.post("/v1/echo", json={"a": 1}).status_code == 200
+        assert client.post("/v1/echo", content=b"x" * 65).status_code == 413
+        assert client.get("/healthz").status_code == 404  # health checks are not logged
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" ", 2)[0] for line in lines] == ["[serve] POST /v1/echo 200", "[serve] POST /v1/echo 413"]
+    assert all(line.endswith(" ms") and line.rsplit(" ", 2)[1].isdigit() for line in lines)

@@ -163,6 +163,12 @@ def test_pipeline_job_on_a_local_cluster_then_reused(local_cluster, tmp_path):
     assert report["runs"][-1]["decomposer"].endswith("student/model")
     assert (tmp_path / "pipeline" / "cost_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "pipeline" / "student" / "model" / "config.json").exists()
+    # The job's log is what a person reads: the project's lines; Ray's, DeepSpeed's and Transformers' in files
+    assert "[pipeline] === " in logs and "[train] step 2/2" in logs and "[generate] finished: " in logs
+    assert not [noise for noise in ("Reporting training result", "Execution plan", "(RayTrainWorker", "(MapWorker",
+                                    "core_worker.cc") if noise in logs], logs[-3000:]
+    assert "Execution plan" in (tmp_path / "pipeline" / "logs" / "driver.log").read_text()
+    assert "(RayTrainWorker" in (tmp_path / "pipeline" / "logs" / "workers.log").read_text()
 
     status, logs = submit(address, env, path, "dnc-again")
     assert "succeeded" in status.lower(), status + logs[-3000:]

@@ -9,8 +9,8 @@ saw after the first step, over the time it took; padding is not counted), peak m
 memory on CPU). At full size the switches run at a larger micro-batch than the ZeRO runs, where padding and
 activations weigh more; their baseline is the same run with both switches off (at the tiny size, the ZeRO run).
 The ZeRO and switch runs train in the default dtype (`auto`: bf16 on a CPU with AVX512-BF16/AMX, else fp32); the
-dtype runs name theirs, and at full size take more steps (12: 48 of the 64 rows) for a loss curve; at the tiny
-size a run of the default dtype counts as that dtype's run.
+dtype runs name theirs (run first), and at full size take more steps (12: 48 of the 64 rows) for a loss curve; at
+the tiny size the ZeRO run is the dtype run of the dtype `auto` resolves to.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from benchmarks.report import plt, save_figure, table
 from dnc_ray.config import GenerateConfig, RayConfig, TrainConfig
 from dnc_ray.distill import build_training_set
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.stages.generate import run_generate
 from dnc_ray.train.recipe import run_train
 
@@ -71,19 +72,23 @@ def train_once(train_set: str, output: str, model: str, steps: int, zero_stage: 
             "final_loss": metrics[-1]["loss"], "losses": [round(m["loss"], 4) for m in metrics]}
 
 
-def dtype_runs(train_set: str, folder: str, model: str, d: dict, runs: list[dict]) -> dict[str, dict]:
-    """fp32 and bf16 at the same settings, rows and steps; a run already made with them (in the default dtype)
-    counts as its dtype's run."""
+def dtype_runs(train_set: str, folder: str, model: str, d: dict) -> dict[str, dict]:
+    """fp32 and bf16 at the same settings, rows and steps (run first: their figures are printed as they come)."""
     found = {}
     for dtype in DTYPES:
-        same = [r for r in runs if (r["zero_stage"], r["workers"], r["per_worker_batch_size"], r["steps"], r["dtype"],
-                                    r["packing"], r["gradient_checkpointing"]) ==
-                (d["zero_stage"], d["workers"], d["per_worker_batch_size"], d["steps"], dtype, False, False)]
-        found[dtype] = same[0] if same else train_once(train_set, f"{folder}/{dtype}", model, d["steps"], d["zero_stage"],
-                                                       d["workers"], d["per_worker_batch_size"], dtype=dtype)
+        found[dtype] = train_once(train_set, f"{folder}/{dtype}", model, d["steps"], d["zero_stage"], d["workers"],
+                                  d["per_worker_batch_size"], dtype=dtype)
         print(f"[bench] training {dtype}: {found[dtype]['tokens_per_s']} tokens/s, loss per step {found[dtype]['losses']}",
               flush=True)
     return found
+
+
+def zero_run(train_set: str, folder: str, p: dict, stage: int, workers: int, dtyped: dict[str, dict]) -> dict:
+    """A ZeRO run in the default dtype; the dtype run of the dtype auto resolves to here, when its settings match."""
+    d, default = p["dtypes"], resolve_dtype("auto", "cpu", device_caps())
+    if (stage, workers, BATCH_PER_WORKER, p["steps"]) == (d["zero_stage"], d["workers"], d["per_worker_batch_size"], d["steps"]):
+        return dtyped[default]
+    return train_once(train_set, f"{folder}/zero{stage}-w{workers}", p["model"], p["steps"], stage, workers)
 
 
 def run(size: str) -> dict:
@@ -91,9 +96,8 @@ def run(size: str) -> dict:
     init_ray(RayConfig(num_cpus=4))
     with tempfile.TemporaryDirectory(prefix="dnc-bench-train-") as folder:
         train_set = training_set(folder, p["rows"])
-        runs = [train_once(train_set, f"{folder}/zero{stage}-w{workers}", p["model"], p["steps"], stage, workers)
-                for stage, workers in p["runs"]]
-        dtyped = dtype_runs(train_set, folder, p["model"], p["dtypes"], runs)
+        dtyped = dtype_runs(train_set, folder, p["model"], p["dtypes"])
+        runs = [zero_run(train_set, folder, p, stage, workers, dtyped) for stage, workers in p["runs"]]
         s = p["switches"]
         switched = {}
         for name, settings in SWITCHES.items():

@@ -418,7 +418,7 @@ def test_study_manifests_validate_against_their_schemas():
         jsonschema.validate(yaml.safe_load((ROOT / "cluster" / "kuberay" / path).read_text()), schema)
     job = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob-study.yaml").read_text())
     _, script, flag, config = job["spec"]["entrypoint"].split()
-    assert script == "jobs/study.py" and flag == "--config" and 'main(["study"' in (ROOT / script).read_text()
+    assert script == "jobs/study.py" and flag == "--config"  # test_cluster runs each entrypoint as dnc <stage>
     study = load_config(ROOT / config, StudyConfig)
 
     service = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice-teacher-llm.yaml").read_text())

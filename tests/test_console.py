@@ -70,16 +70,16 @@ def test_train_shows_each_logged_step_once_and_keeps_ray_train_logs_in_files(ray
             for i in range(8)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     cfg = {"train_set": str(tmp_path / "train.parquet"), "variant": "sd-t", "model": TINY_RANDOM,
-           "output": str(tmp_path / "student"), "max_length": 64, "max_steps": 4, "per_worker_batch_size": 2,
-           "checkpoint_every_steps": 4, "log_every_steps": 2, "num_workers": 2, "cpus_per_worker": 0.5,
+           "output": str(tmp_path / "student"), "max_length": 64, "max_steps": 2, "per_worker_batch_size": 2,
+           "checkpoint_every_steps": 2, "log_every_steps": 1, "num_workers": 1, "cpus_per_worker": 1,
            "ray": {"address": ray_local}}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     run = dnc("train", "--config", str(tmp_path / "train.yaml"))
     assert_quiet(run)
     steps = [line for line in run.stdout.splitlines() if line.startswith("[train] step ")]
-    assert [line.split()[2] for line in steps] == ["2/4", "4/4"], run.stdout
+    assert [line.split()[2] for line in steps] == ["1/2", "2/2"], run.stdout
     assert all(" tok/s " in line and " eta " in line for line in steps)
-    assert run.stdout.splitlines()[-1].startswith("[train] done: steps 4")
+    assert run.stdout.splitlines()[-1].startswith("[train] done: steps 2")
     assert "Reporting training result" in (tmp_path / "student" / "logs" / "workers.log").read_text()
 
 

@@ -19,6 +19,8 @@ import time
 import traceback
 from typing import TextIO
 
+from dnc_ray.infra import storage
+
 VERBOSE_ENV = "DNC_VERBOSE"
 OUR_LINE = re.compile(r"^\[(generate|train|pipeline|study|batch|serve|dnc)\] ")
 
@@ -68,8 +70,6 @@ def logs_under(folder: str) -> None:
     """Where this command's logs go once Ray starts (a local folder; for a storage URI, a temporary one)."""
     if _Terminal.out is None:
         return
-    from dnc_ray.infra import storage
-
     local = storage.filesystem(folder)[1] if "://" not in folder else tempfile.mkdtemp(prefix="dnc-logs-")
     _Terminal.folder = local
 

@@ -238,6 +238,13 @@ def run_cells(
     pending = sorted(cells, key=lambda c: -heights[c.name])  # the longest chain first (stable)
     running: dict = {}  # ObjectRef -> (cell, key, folder, inputs, settings, demand, started)
     prepared: dict = {}  # cell name -> (job, key, folder, its cell.json or None)
+
+    def fail_unbuilt(cell: Cell, error: str, line: str) -> None:
+        """A cell that will not run: its error recorded, the reason logged, taken off the pending list."""
+        results[cell.name] = Built(cell.name, cell.kind, error=error, meta=cell.meta)
+        log(line)
+        pending.remove(cell)
+
     while pending or running:
         capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         progressed = True
@@ -249,20 +256,16 @@ def run_cells(
                 inputs = {i: results[i] for i in cell.inputs}
                 failed = [i for i, b in inputs.items() if not b.ok]
                 if failed:
-                    results[cell.name] = Built(cell.name, cell.kind, error=f"skipped: input {failed[0]} failed",
-                                               meta=cell.meta)
-                    log(f"[study] skip  {cell.name}: input {failed[0]} failed")
-                    pending.remove(cell)
+                    fail_unbuilt(cell, f"skipped: input {failed[0]} failed", f"[study] skip  {cell.name}: input "
+                                 f"{failed[0]} failed")
                     progressed = True
                     continue
                 if cell.name not in prepared:  # once: its inputs are done, so its key is known
                     try:
                         job = cell.make(inputs)
                     except Exception as e:  # e.g. a config its inputs make invalid: this cell fails, not the study
-                        results[cell.name] = Built(cell.name, cell.kind, error=f"{type(e).__name__}: {e}",
-                                                   meta=cell.meta)
-                        log(f"[study] FAILED {cell.name}: {type(e).__name__}: {e}")
-                        pending.remove(cell)
+                        error = f"{type(e).__name__}: {e}"
+                        fail_unbuilt(cell, error, f"[study] FAILED {cell.name}: {error}")
                         progressed = True
                         continue
                     key = cell_key(cell.kind, job.settings, inputs)

@@ -9,6 +9,7 @@ The first DeepSpeed run on a machine JIT-builds DeepSpeed's CPU ops (~1-3 min, c
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,8 +71,8 @@ def train_config(train_set: Path, output: Path, **overrides) -> TrainConfig:
         "max_length": 128,
         "max_steps": 8,
         "per_worker_batch_size": 2,
-        "lr": 1e-2,
-        "warmup_ratio": 0.0,
+        "lr": 7e-3,
+        "warmup_ratio": 0.25,  # 2 of 8 steps
         "checkpoint_every_steps": 4,
         "keep_checkpoints": 3,
         "log_every_steps": 2,
@@ -363,6 +364,17 @@ def test_zero2_loss_falls_and_checkpoints_are_written(zero2):
     assert_trained(cfg, summary)
 
 
+def test_learning_rate_warms_up_then_follows_the_cosine(zero2):
+    """The Trainer's schedule: a linear rise from 0 over the warm-up's 2 steps, then a cosine fall towards 0."""
+    cfg, _ = zero2
+    rates = [s["learning_rate"] for s in metrics(Path(cfg.output))]
+    warmup = 2
+    for step, rate in enumerate(rates, start=1):  # logged after the step: the rate the next step uses
+        progress = (step - warmup) / (cfg.max_steps - warmup)
+        expected = cfg.lr * step / warmup if step < warmup else cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        assert rate == pytest.approx(expected, abs=1e-9), rates
+
+
 @pytest.mark.timeout(120)
 def test_dtype_auto_trains_in_bf16_where_native_and_is_recorded(zero2):
     """The default dtype (auto) resolves as resolve_dtype does for this machine's CPU: bf16 mixed precision with
@@ -439,7 +451,7 @@ def test_lora_exports_a_merged_plain_model(ray_local, tmp_path):
 
     # LoRA moves a tiny random model slowly (its tied 49k-token embedding stays frozen): a smaller fall.
     lora = {"r": 16, "alpha": 32, "dropout": 0.0}  # target_modules: all-linear
-    cfg = train_config(repeated_set(tmp_path), tmp_path / "out", lora=lora)
+    cfg = train_config(repeated_set(tmp_path), tmp_path / "out", lora=lora, lr=1e-2)
     summary = run_train(cfg)
     assert_trained(cfg, summary, fall=0.3)
     assert_exported(Path(summary["model"]), learned="")

@@ -90,11 +90,6 @@ from dnc_ray.train.data import (
     tokenized_dataset,
 )
 
-# DeepSpeed's warm-up schedules: linear warm-up from 0, then cosine or linear decay over the run.
-SCHEDULES = {
-    "cosine": {"type": "WarmupCosineLR", "params": {}},
-    "linear": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto"}},
-}
 EVAL_NEW_TOKENS = 128  # per greedy generation of the parse rate: a few sub-questions of a few dozen tokens
 SCORE = "checkpoint_score"  # what Ray Train ranks checkpoints by with keep_best
 
@@ -109,8 +104,6 @@ def deepspeed_config(cfg: TrainConfig, dtype: str) -> dict:
     if cfg.deepspeed.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold whole weights
         zero |= {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
-    schedule = SCHEDULES[cfg.schedule]
-    params = {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear", **schedule["params"]}
     return {
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
@@ -118,7 +111,6 @@ def deepspeed_config(cfg: TrainConfig, dtype: str) -> dict:
             "type": "AdamW",
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
         },
-        "scheduler": {"type": schedule["type"], "params": params},
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
@@ -139,6 +131,8 @@ def training_args(cfg: TrainConfig, plan: dict, work_dir: str) -> TrainingArgume
         activation_checkpointing=cfg.gradient_checkpointing,  # Transformers' new name for gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         learning_rate=cfg.lr,
+        # The Trainer's schedule (DeepSpeed's warm-up schedules read their rate before the first step and warn)
+        lr_scheduler_type=cfg.schedule,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # below 1: a share of max_steps
         seed=cfg.seed,

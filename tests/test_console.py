@@ -106,3 +106,15 @@ def test_the_served_app_says_one_line_per_request(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.rsplit(" ", 2)[0] for line in lines] == ["[serve] POST /v1/echo 200", "[serve] POST /v1/echo 413"]
     assert all(line.endswith(" ms") and line.rsplit(" ", 2)[1].isdigit() for line in lines)
+
+
+def test_lines_name_the_scope_they_run_in(capsys):
+    """A study runs many cells at once: each of a cell's lines names it after the tag, and only within it."""
+    from dnc_ray.infra import console
+
+    with console.scope("gsm8k/student/sd-t"):
+        console.say("[train] step 1/2  loss 10.7")
+        console.say("not one of ours [train] ")
+    console.say("[generate] 8/8 rows (100%)")
+    assert capsys.readouterr().out.splitlines() == [
+        "[train] gsm8k/student/sd-t: step 1/2  loss 10.7", "not one of ours [train] ", "[generate] 8/8 rows (100%)"]

@@ -79,7 +79,7 @@ CHANGED = {
 
 
 @pytest.mark.timeout(1800)
-def test_tiny_study_end_to_end_then_resubmitted(ray_local, tmp_path):
+def test_tiny_study_end_to_end_then_resubmitted(ray_local, tmp_path, capfd):
     """46 cells (GSM8K with rounds: 2): every one built, on 4 logical CPUs of 2 cores; the report in the
     paper's layout; a re-submit reuses every cell; with the teacher's max_tokens changed, the submission
     would redo exactly the cells downstream (its plan: `dnc study --plan`; test_a_changed_input_... checks
@@ -123,6 +123,15 @@ def test_tiny_study_end_to_end_then_resubmitted(ray_local, tmp_path):
         (a, b, r) for a, b in (("gsm8k", "bamboogle"), ("bamboogle", "gsm8k")) for r in ("sdr-teacher", "teacher-sea")}
     assert [r["round"] for r in first["rounds"] if r["task"] == "gsm8k"] == [1, 2]
     assert (out / "cost_vs_score.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Cells run at once: each line names its cell, down to a Ray Train worker's steps (Ray streams the
+    # workers' output to this driver as it comes)
+    named = ["[generate] bamboogle/teacher: ", "[train] gsm8k/student/sd-t: step 2/2 "]
+    output, deadline = "", time.monotonic() + 60
+    while not all(line in output for line in named) and time.monotonic() < deadline:
+        output += capfd.readouterr().out
+        time.sleep(0.2)
+    assert [line for line in named if line not in output] == [], output[-3000:]
     print(report)
 
 

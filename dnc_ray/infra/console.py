@@ -17,6 +17,8 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 from dnc_ray.infra import storage
@@ -32,6 +34,7 @@ class _Terminal:
     folder: str | None = None  # where driver.log and workers.log go, once Ray starts
     workers: TextIO | None = None
     last_line: dict = {}  # pid -> the last project line shown (Ray Train echoes a worker's stdout twice)
+    scope: str | None = None  # what this process works for, named in each line (a study's cell)
     lock = threading.Lock()
 
 
@@ -39,8 +42,24 @@ def verbose_requested() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+@contextmanager
+def scope(name: str | None) -> Iterator[None]:
+    """Within it, each project line names `name` after its tag: "[generate] gsm8k/teacher: 8/16 rows ..."."""
+    outer, _Terminal.scope = _Terminal.scope, name
+    try:
+        yield
+    finally:
+        _Terminal.scope = outer
+
+
+def current_scope() -> str | None:
+    return _Terminal.scope
+
+
 def say(line: str, err: bool = False) -> None:
     """One of the project's lines, to the terminal (to stdout / stderr when the console is not quiet)."""
+    if _Terminal.scope:
+        line = OUR_LINE.sub(lambda tag: f"{tag.group(0)}{_Terminal.scope}: ", line, count=1)
     stream = (_Terminal.err if err else _Terminal.out) or (sys.stderr if err else sys.stdout)
     with _Terminal.lock:
         print(line, file=stream, flush=True)

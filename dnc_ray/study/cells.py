@@ -156,7 +156,7 @@ def build_train(payload: dict) -> tuple[dict, str]:
 BUILDERS = {"generate": build_generate, "distill": build_distill, "train": build_train}
 
 
-def _build_in_task(kind: str, payload: dict) -> dict:
+def _build_in_task(kind: str, name: str, payload: dict) -> dict:
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -164,7 +164,8 @@ def _build_in_task(kind: str, payload: dict) -> dict:
     ctx.enable_operator_progress_bars = False
     started = time.monotonic()
     try:
-        summary, digest = BUILDERS[kind](payload)
+        with console.scope(name):  # many cells at once: each line names its cell
+            summary, digest = BUILDERS[kind](payload)
     except Exception as e:  # reported per cell by the driver; the other cells go on
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                 "seconds": round(time.monotonic() - started, 2)}
@@ -285,7 +286,7 @@ def run_cells(
                     continue
                 why = "resume" if record and record.get("key") == key else "build"
                 log(f"[study] {why} {cell.name} ({key[:12]}) -> {folder}")
-                ref = remote.remote(cell.kind, job.payload(folder))
+                ref = remote.remote(cell.kind, cell.name, job.payload(folder))
                 running[ref] = (cell, key, folder, inputs, job.settings, job.demand, time.monotonic())
                 pending.remove(cell)
                 progressed = True

@@ -384,6 +384,11 @@ def peak_memory_gib() -> float:
 
 def train_loop_per_worker(config: dict) -> dict | None:
     """One Ray Train worker: fine-tune on this worker's shard; rank 0 exports the model and returns the summary."""
+    with console.scope(config["scope"]):  # the driver's (a study's cell), in this worker's lines too
+        return train_on_shard(config)
+
+
+def train_on_shard(config: dict) -> dict | None:
     cfg, plan = TrainConfig.model_validate(config["cfg"]), config["plan"]
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(cfg.model)
@@ -565,7 +570,7 @@ def run_train(cfg: TrainConfig) -> dict:
                 + (": bf16 mixed precision, fp32 master weights" if plan["dtype"] == "bfloat16" else ""))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "scope": console.current_scope()},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),

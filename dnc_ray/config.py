@@ -228,6 +228,11 @@ class TaskConfig(_Strict):
         return self
 
 
+def check_structured_decompositions(decomposer: object) -> None:
+    if not isinstance(decomposer, VLLMModel):
+        raise ValueError("structured_decompositions use vLLM's guided decoding: give the decomposer engine vllm")
+
+
 class RayConfig(_Strict):
     address: str | None = Field(None, description="cluster address; null starts (or joins) local Ray")
     num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray; null = all cores")
@@ -270,6 +275,8 @@ class GenerateConfig(_Strict):
         None, gt=0, description="None: the task's default (the paper: 2 on Bamboogle, 3 elsewhere)"
     )
     max_turns: int = Field(8, gt=0, description="self_ask: decomposer turns before a row without a final answer fails")
+    structured_decompositions: bool = Field(False, description="the decomposer (engine vllm) writes its sub-questions "
+                                            "as a JSON list of at most max_subquestions questions (guided decoding)")
     max_failed_rows: FailedRows = Field(0, description="failed rows allowed before `dnc generate` exits 3: "
                                         "a count, or a share of the run's rows such as '5%'")
     budget_usd: float | None = Field(None, gt=0, description="the run's spend cap (its rows' cost, earlier attempts "
@@ -290,6 +297,14 @@ class GenerateConfig(_Strict):
         if any(isinstance(m, OpenAIModel) and m.mode == "batch" for m in models) and any(isinstance(m, LOCAL_ENGINES) for m in models):
             raise ValueError("a run with a batch-mode model is driven from the driver and cannot hold a local (hf, vllm) "
                              "model: run the local step as its own run (e.g. strategy decompose), then strategy solve in batch mode")
+        return self
+
+    @model_validator(mode="after")
+    def _structured_decompositions_need_vllm(self) -> "GenerateConfig":
+        if self.structured_decompositions:
+            check_structured_decompositions(self.decomposer)
+            if self.strategy not in ("two_stage", "decompose"):
+                raise ValueError("structured_decompositions shape the decompose step: use strategy two_stage or decompose")
         return self
 
     @field_validator("strategy")
@@ -625,6 +640,14 @@ class ServeAppConfig(_Strict):
         None, gt=0, description="None: the request's task's default (2 on Bamboogle), else 3"
     )
     max_turns: int = Field(8, gt=0, description="self_ask: decomposer turns before a request without a final answer fails")
+    structured_decompositions: bool = Field(False, description="the decomposer (engine vllm) writes its sub-questions "
+                                            "as a JSON list (guided decoding), for two_stage requests")
+
+    @model_validator(mode="after")
+    def _structured_decompositions_need_vllm(self) -> "ServeAppConfig":
+        if self.structured_decompositions:
+            check_structured_decompositions(self.decomposer.model)
+        return self
 
 
 class ServeConfig(ServeAppConfig):

@@ -115,20 +115,36 @@ def check_rate_limits(result: dict) -> None:
     assert b["rows_done_after_resume"] == b["rows"] and b["requests_redone"] == 0
 
 
+def check_vllm_engine(result: dict) -> None:
+    p, rates, ttft = result["params"], result["tokens_per_s"], result["ttft_p50_s"]
+    levels = [str(c) for c in p["levels"]]
+    assert levels == ["1", "4"]  # the tiny size's concurrency levels
+    for engine in ("hf", "vllm"):
+        assert list(rates[engine]) == levels and all(v > 0 for v in rates[engine].values())
+        assert list(ttft[engine]) == levels and all(v > 0 for v in ttft[engine].values())
+        assert result["load_s"][engine] > 0
+        served = result["served"][engine]
+        assert served["requests"] > 0 and served["requests_per_s"] > 0 and served["p50_s"] > 0
+    assert result["vllm_vs_hf"] == {c: round(rates["vllm"][c] / rates["hf"][c], 2) for c in levels}
+    same, total = result["same_greedy_outputs"].split(" ")[0].split("/")
+    assert int(total) == p["prompts_per_level"][levels[-1]] == max(p["levels"][-1], 4) and 0 <= int(same) <= int(total)
+
+
 CHECKS = {"teacher_http": check_teacher_http, "hf_batch": check_hf_batch, "serving": check_serving,
-          "training": check_training, "cost": check_cost, "rate_limits": check_rate_limits}
+          "training": check_training, "cost": check_cost, "rate_limits": check_rate_limits,
+          "vllm_engine": check_vllm_engine}
 
 
 @pytest.fixture(scope="module")
 def smoke_readme() -> str:
-    """All six benchmarks at the tiny size in one run (one interpreter, each its own local Ray)."""
+    """All seven benchmarks at the tiny size in one run (one interpreter, each its own local Ray)."""
     for old in SMOKE.glob("*"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "benchmarks.run", "--size", "tiny"], cwd=ROOT, check=True, timeout=1500, env=ENV)
+    subprocess.run([sys.executable, "-m", "benchmarks.run", "--size", "tiny"], cwd=ROOT, check=True, timeout=1800, env=ENV)
     return (SMOKE / "README.md").read_text()
 
 
-@pytest.mark.timeout(1600)
+@pytest.mark.timeout(1900)
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_benchmark_smoke(smoke_readme, name):
     result = json.loads((SMOKE / f"{name}.json").read_text())

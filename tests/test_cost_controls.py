@@ -125,7 +125,7 @@ def test_a_budgeted_model_reserves_the_worst_case_and_fails_the_step_as_unfinish
         def cost(self, prompt_tokens, completion_tokens):
             return prompt_tokens * 0.001 + completion_tokens * 0.002
 
-        async def complete(self, chat, stop=()):
+        async def complete(self, chat, stop=(), json_schema=None):
             self.calls += 1
             return Completion(text="ok", prompt_tokens=5, completion_tokens=50)  # 0.105
 

@@ -151,7 +151,7 @@ def test_an_engine_bug_raises_instead_of_failing_rows():
         def cost(self, prompt_tokens, completion_tokens):
             return 0.0
 
-        async def complete(self, chat, stop=()):
+        async def complete(self, chat, stop=(), json_schema=None):
             raise TypeError("bug in the engine")
 
     with pytest.raises(TypeError, match="bug in the engine"):

@@ -158,7 +158,8 @@ class BatchModel:
         """Requests of one group go into the same batches: one endpoint, one model, one key."""
         return self.cfg.base_url.rstrip("/"), self.cfg.model, self.cfg.api_key_env
 
-    async def complete(self, chat: Messages, stop: tuple[str, ...] = ()) -> Completion:
+    async def complete(self, chat: Messages, stop: tuple[str, ...] = (), json_schema: str | None = None) -> Completion:
+        """json_schema: refused by the config before a batch run starts (guided decoding is engine vllm's)."""
         params = SamplingParams(temperature=self.params.temperature, max_tokens=self.params.max_tokens, stop=stop)
         body = request_body(self.cfg, chat, params)
         return await self.rounds.request(self, custom_id(CURRENT_ROW.get(), body), body)

@@ -136,22 +136,22 @@ class BudgetedModel:
         self.cost = model.cost
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
-    async def complete(self, chat: Messages, stop: tuple[str, ...] = ()) -> Completion:
+    async def complete(self, chat: Messages, stop: tuple[str, ...] = (), json_schema: str | None = None) -> Completion:
         if self.in_flight is None:
-            return await self._complete(chat, stop)
+            return await self._complete(chat, stop, json_schema)
         loop = asyncio.get_running_loop()
         if self._slots is None or self._slots[0] is not loop:
             self._slots = (loop, asyncio.Semaphore(self.in_flight))
         async with self._slots[1]:
-            return await self._complete(chat, stop)
+            return await self._complete(chat, stop, json_schema)
 
-    async def _complete(self, chat: Messages, stop: tuple[str, ...]) -> Completion:
+    async def _complete(self, chat: Messages, stop: tuple[str, ...], json_schema: str | None) -> Completion:
         worst = self.model.cost(worst_prompt_tokens(chat), self.model.params.max_tokens)
         if not await self.ledger.reserve(worst):
             return Completion(text=None, error=BUDGET_STOPPED.format(budget=self.ledger.budget))
         actual = 0.0
         try:
-            completion = await self.model.complete(chat, stop)
+            completion = await self.model.complete(chat, stop, json_schema)
             actual = self.model.cost(completion.prompt_tokens, completion.completion_tokens)
             return completion
         finally:

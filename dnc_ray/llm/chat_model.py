@@ -7,21 +7,22 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from dnc_ray.config import HFModel, OpenAIModel
+from dnc_ray.config import HFModel, OpenAIModel, VLLMModel
 from dnc_ray.llm.engine import Completion, Engine, Messages, SamplingParams
 
 
 class ChatModel:
     """`complete(chat, stop)` on the engine a model config names."""
 
-    def __init__(self, cfg: HFModel | OpenAIModel, engine: Engine):
+    def __init__(self, cfg: HFModel | OpenAIModel | VLLMModel, engine: Engine):
         self.name = cfg.model
         self.cost = cfg.price.cost
         self.params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
         self._agenerate = MicroBatcher(engine, cfg.batch_size).agenerate if isinstance(cfg, HFModel) else engine.agenerate
 
-    async def complete(self, chat: Messages, stop: tuple[str, ...] = ()) -> Completion:
-        [completion] = await self._agenerate([chat], replace(self.params, stop=stop) if stop else self.params)
+    async def complete(self, chat: Messages, stop: tuple[str, ...] = (), json_schema: str | None = None) -> Completion:
+        params = replace(self.params, stop=stop, json_schema=json_schema) if stop or json_schema else self.params
+        [completion] = await self._agenerate([chat], params)
         return completion
 
 

@@ -21,7 +21,7 @@ from dnc_ray.infra import storage
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_BUILD_VERSION = 2  # bump when a builder changes, so stale caches are rebuilt
+_BUILD_VERSION = 3  # bump when a builder changes, so stale caches are rebuilt
 
 
 class ModelRefError(ValueError):
@@ -117,8 +117,9 @@ def _build_tiny_random(out: Path) -> None:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,  # vLLM's CPU attention takes head sizes of 32 and up
         max_position_embeddings=2048,
         tie_word_embeddings=False,  # tied at this size, greedy decoding repeats one token forever
         bos_token_id=tokenizer.bos_token_id,

@@ -25,11 +25,11 @@ def engine_args(cfg: VLLMModel, path: str) -> dict:
         "seed": cfg.seed,
         "enforce_eager": cfg.enforce_eager,
         "disable_log_stats": True,
+        # llguidance: xgrammar (vLLM's auto choice) fails on the bounded sub-question pattern of a structured decomposition
+        "structured_outputs_config": {"backend": "guidance"},
     }
     if cfg.kv_cache_space_gb is not None:
         args["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gb * GIB)
-    if cfg.tensor_parallel_size == 1:
-        args["distributed_executor_backend"] = "uni"  # the model runs in the engine's process: one process fewer
     if cfg.lora is not None:
         args |= {"enable_lora": True, "max_lora_rank": cfg.max_lora_rank, "max_loras": 1}
     return args

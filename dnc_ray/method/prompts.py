@@ -7,6 +7,7 @@ by one, then the question, and ends with "The answer is: X".
 
 from __future__ import annotations
 
+import json
 import re
 
 NO_DECOMPOSITION = "No decomposition"
@@ -87,16 +88,34 @@ _ENUMERATION = re.compile(
 _RESTATES_MAIN = re.compile(r"\b(?:main|original|complex) question\b", re.IGNORECASE)
 
 
+def subquestions_schema(max_subquestions: int) -> str:
+    """The JSON schema of a structured decomposition: at most `max_subquestions` questions (none: no decomposition)."""
+    question = {"type": "string", "pattern": r"^[^\n]{1,200}\?$"}
+    return json.dumps({"type": "array", "items": question, "maxItems": max_subquestions})
+
+
 def parse_subquestions(text: str) -> list[str]:
-    """Every line holding a "?" is a sub-question, minus enumeration marks and restatements of the main question."""
+    """Every line holding a "?" is a sub-question, minus enumeration marks and restatements of the main question;
+    a structured decomposition (a JSON list of strings) is read as its lines."""
+    structured = _json_list(text)
     subquestions = []
-    for line in text.splitlines():
+    for line in structured if structured is not None else text.splitlines():
         if "?" not in line or _RESTATES_MAIN.search(line):
             continue
         question = _ENUMERATION.sub("", line.strip().lstrip("*")).strip(" *")
         if question and question not in subquestions:
             subquestions.append(question)
     return subquestions
+
+
+def _json_list(text: str) -> list[str] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        return None
+    return [line for item in value for line in item.splitlines()]
 
 
 _MARKER = re.compile(re.escape(ANSWER_MARKER), re.IGNORECASE)

@@ -29,13 +29,16 @@ class Model(Protocol):
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float: ...
 
-    async def complete(self, chat: Messages, stop: tuple[str, ...] = ()) -> Completion: ...
+    async def complete(self, chat: Messages, stop: tuple[str, ...] = (), json_schema: str | None = None) -> Completion:
+        """json_schema: the reply is JSON of this schema (guided decoding; engine vllm)."""
+        ...
 
 
 @dataclass(frozen=True)
 class MethodOptions:
     rules: PromptRules  # the task's prompt rules, max_subquestions already set by the config
     max_turns: int = 8  # self_ask: model turns before a row without a final answer fails
+    structured_decompositions: bool = False  # the decomposer writes a JSON list of sub-questions (guided decoding)
 
 
 class StepFailed(Exception):
@@ -48,10 +51,10 @@ class StepContext:
     def __init__(self, row: dict, models: dict[Role, Model], options: MethodOptions):
         self.row, self.models, self.options = row, models, options
 
-    async def ask(self, role: Role, chat: Messages, stop: tuple[str, ...] = ()) -> str:
+    async def ask(self, role: Role, chat: Messages, stop: tuple[str, ...] = (), json_schema: str | None = None) -> str:
         """The model's reply text; raises StepFailed when the call fails or the reply is empty."""
         model = self.models[role]
-        completion = await model.complete(chat, stop)
+        completion = await model.complete(chat, stop, json_schema)
         self.row[role] = model.name
         _add_usage(self.row, STAGE_OF_ROLE[role], completion, model.cost(completion.prompt_tokens, completion.completion_tokens))
         if completion.error is not None:

@@ -39,8 +39,10 @@ class Strategy:
 
 
 async def _decompose(row: dict, ctx: StepContext) -> None:
-    chat = prompts.decompose_messages(row["question"], row["context"], ctx.options.rules.max_subquestions)
-    row["decomposition"] = await ctx.ask("decomposer", chat)
+    most = ctx.options.rules.max_subquestions
+    chat = prompts.decompose_messages(row["question"], row["context"], most)
+    schema = prompts.subquestions_schema(most) if ctx.options.structured_decompositions else None
+    row["decomposition"] = await ctx.ask("decomposer", chat, json_schema=schema)
     row["subquestions"] = prompts.parse_subquestions(row["decomposition"])
 
 

@@ -193,7 +193,8 @@ class Ingress:
         rules = TASKS[task].rules if task else GENERIC_RULES
         if self.cfg.max_subquestions is not None:
             rules = replace(rules, max_subquestions=self.cfg.max_subquestions)
-        return MethodOptions(rules=rules, max_turns=self.cfg.max_turns)
+        return MethodOptions(rules=rules, max_turns=self.cfg.max_turns,
+                             structured_decompositions=self.cfg.structured_decompositions)
 
     # ------------------------------------------------------------------ choices of a completion request
     def _answers(self, request: ChatRequest) -> list:
@@ -347,8 +348,8 @@ class DeploymentModel:
         model = ingress.stages[stage][1]
         self.name, self.cost = model.model, model.price.cost
 
-    async def complete(self, chat: Messages, stop: tuple[str, ...] = ()) -> Completion:
-        params = replace(self.params, stop=self.params.stop + stop) if stop else self.params
+    async def complete(self, chat: Messages, stop: tuple[str, ...] = (), json_schema: str | None = None) -> Completion:
+        params = replace(self.params, stop=self.params.stop + stop, json_schema=json_schema) if stop or json_schema else self.params
         if self.sink is None:
             return await self.ingress._call(self.stage, chat, params, self.deadline)
         self.sink.announce()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dnc_ray.config import BudgetReached, GenerateConfig, HFModel, OpenAIModel
+from dnc_ray.config import BudgetReached, GenerateConfig, HFModel, OpenAIModel, VLLMModel
 from dnc_ray.infra.store import RunStore
-from dnc_ray.llm import make_engine
+from dnc_ray.llm import Engine, make_engine
 from dnc_ray.llm.budget import BudgetedModel, shared_ledger
 from dnc_ray.llm.chat_model import ChatModel
 from dnc_ray.llm.rate_limit import Limiter, shared_limiter
@@ -57,8 +57,8 @@ class Controls:
     def models(self, cfgs: dict[str, HFModel | OpenAIModel]) -> dict[str, object]:
         """The method's models for these configs, their engines on the shared limiters, their calls budgeted."""
         built, local = {}, {}
-        for role, cfg in cfgs.items():
-            engine = make_engine(cfg)
+        for role, engine in make_engines(cfgs).items():
+            cfg = cfgs[role]
             spec = self.limiters.get(role)
             if spec is not None:
                 if id(spec) not in local:  # the roles of one endpoint share one limiter in this actor too
@@ -71,6 +71,19 @@ class Controls:
         return built
 
 
+def make_engines(cfgs: dict[str, HFModel | OpenAIModel | VLLMModel]) -> dict[str, Engine]:
+    """An engine per role; the roles of one vllm model (settings other than sampling alike) share one engine, so
+    its model loads once and its continuous batching takes both roles' calls."""
+    engines, shared = {}, {}
+    for role, cfg in cfgs.items():
+        if not isinstance(cfg, VLLMModel):
+            engines[role] = make_engine(cfg)
+            continue
+        key = cfg.model_dump_json(exclude={"temperature", "max_tokens", "price"})
+        engines[role] = shared[key] = shared.get(key) or make_engine(cfg)
+    return engines
+
+
 def in_flight(cfg: HFModel | OpenAIModel) -> int:
     """The calls a model sends at once (what holds a budget reservation)."""
     return cfg.max_in_flight if isinstance(cfg, OpenAIModel) else cfg.batch_size
@@ -78,7 +91,7 @@ def in_flight(cfg: HFModel | OpenAIModel) -> int:
 
 def chat_models(cfgs: dict[str, HFModel | OpenAIModel], controls: Controls | None) -> dict[str, object]:
     if controls is None:
-        return {role: ChatModel(cfg, make_engine(cfg)) for role, cfg in cfgs.items()}
+        return {role: ChatModel(cfgs[role], engine) for role, engine in make_engines(cfgs).items()}
     return controls.models(cfgs)
 
 

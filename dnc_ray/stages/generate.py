@@ -68,6 +68,7 @@ def run_identity(cfg: GenerateConfig) -> dict:
         "decompositions": cfg.decompositions,
         "decomposer": model(cfg.decomposer),
         "solver": model(cfg.solver),
+        **({"structured_decompositions": True} if cfg.structured_decompositions else {}),  # absent: as before
     }
 
 
@@ -120,7 +121,7 @@ def build_dataset(cfg: GenerateConfig, rows: list[dict], sink=None, controls=Non
 
 def method_options(cfg: GenerateConfig) -> MethodOptions:
     rules = replace(get_task(cfg.task).rules, max_subquestions=cfg.max_subquestions)
-    return MethodOptions(rules=rules, max_turns=cfg.max_turns)
+    return MethodOptions(rules=rules, max_turns=cfg.max_turns, structured_decompositions=cfg.structured_decompositions)
 
 
 def rows_to_run(rows: list[dict], stored: list[dict]) -> list[dict]:

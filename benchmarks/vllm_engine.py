@@ -5,7 +5,6 @@ served graph's /v1/solve (two_stage) on each engine at one load point."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
 import threading
 import time
@@ -21,17 +20,17 @@ from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm.engine import Messages, SamplingParams
 from dnc_ray.llm.hf import HFEngine
 from dnc_ray.llm.hf_streaming import stream_batch
-from dnc_ray.method.prompts import decompose_messages
+from dnc_ray.method.prompts import decompose_messages, parse_subquestions, subquestions_schema
 from dnc_ray.tasks import TASKS, load_rows
 
 ENGINES = ("hf", "vllm")
 SIZES = {
     "tiny": {"model": "tiny-random-smollm2", "max_tokens": 8, "levels": [1, 4], "ttft_max_tokens": 8,
              "vllm": {"kv_cache_space_gb": 0.125, "max_model_len": 1024, "max_num_seqs": 8, "enforce_eager": True},
-             "served_clients": 2, "served_seconds": 3},
+             "served_clients": 2, "served_seconds": 3, "parse_rows": 4, "parse_max_tokens": 16},
     "full": {"model": "smollm2-135m-instruct", "max_tokens": 64, "levels": [1, 8, 32, 128], "ttft_max_tokens": 8,
              "vllm": {"kv_cache_space_gb": 1, "max_model_len": 2048, "max_num_seqs": 128, "enforce_eager": False},
-             "served_clients": 16, "served_seconds": 30},
+             "served_clients": 16, "served_seconds": 30, "parse_rows": 128, "parse_max_tokens": 128},
 }
 MIN_PROMPTS = 4  # even level 1 generates this many answers (one after another), not a single one
 
@@ -89,6 +88,18 @@ async def vllm_first_tokens(engine, chats: list[Messages], params: SamplingParam
     return list(await asyncio.gather(*(one(chat) for chat in chats)))
 
 
+async def parse_shares(engine, chats: list[Messages], max_tokens: int) -> dict:
+    """The share of decompositions that parse into 1-3 sub-questions (and into none), free and structured
+    (vLLM's guided decoding to the JSON schema of `structured_decompositions`)."""
+    shares = {}
+    for mode, schema in (("free", None), ("structured", subquestions_schema(3))):
+        done = await engine.agenerate(chats, SamplingParams(max_tokens=max_tokens, json_schema=schema))
+        counts = [len(parse_subquestions(c.text or "")) for c in done]
+        shares[mode] = {"parsed_1_to_3": round(100 * sum(1 <= n <= 3 for n in counts) / len(counts), 1),
+                        "none": round(100 * sum(n == 0 for n in counts) / len(counts), 1)}
+    return shares
+
+
 def p50(values: list[float]) -> float:
     return round(statistics.median(values), 4)
 
@@ -122,12 +133,12 @@ def measure_vllm(p: dict, chats: list[Messages], loop: asyncio.AbstractEventLoop
                 vllm_tokens_per_s(engine, chats[:prompts_at(level)], params, level))
             ttft[level] = p50(loop.run_until_complete(vllm_first_tokens(engine, chats[:level], ttft_params)))
             print(f"[bench] vllm_engine vllm c={level}: {rates[level]:.1f} tokens/s, TTFT p50 {ttft[level]} s", flush=True)
+        parsing = loop.run_until_complete(parse_shares(engine, chats[:p["parse_rows"]], p["parse_max_tokens"]))
+        print(f"[bench] vllm_engine decompositions parsed (GSM8K test 0-{p['parse_rows'] - 1}): {parsing}", flush=True)
     finally:
         engine.shutdown()
         loop.run_until_complete(asyncio.sleep(0))  # its output task takes the cancellation
-        del engine
-        gc.collect()  # now, not at interpreter exit (where AsyncLLM.__del__ fails on torn-down modules)
-    return {"load_s": load_s, "rates": rates, "ttft": ttft, "texts": texts}
+    return {"load_s": load_s, "rates": rates, "ttft": ttft, "texts": texts, "parsing": parsing}
 
 
 # ------------------------------------------------------------------ the served graph on each engine
@@ -157,12 +168,11 @@ async def served_point(p: dict, questions: list[str], port: int, engine: str) ->
 def run(size: str) -> dict:
     p = SIZES[size]
     top = max(p["levels"])
-    rows = load_rows(TaskConfig(name="gsm8k", split="test", limit=max(prompts_at(top), 16)))
+    rows = load_rows(TaskConfig(name="gsm8k", split="test", limit=max(prompts_at(top), 16, p["parse_rows"])))
     chats = [decompose_messages(r["question"], None, TASKS["gsm8k"].rules.max_subquestions) for r in rows]
-    chats = chats[:prompts_at(top)]
     loop = asyncio.new_event_loop()
     try:
-        measured = {"hf": measure_hf(p, chats, loop), "vllm": measure_vllm(p, chats, loop)}
+        measured = {"hf": measure_hf(p, chats[:prompts_at(top)], loop), "vllm": measure_vllm(p, chats, loop)}
         init_ray(RayConfig(num_cpus=4))  # at the tiny size: joins the runner's Ray
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -177,7 +187,7 @@ def run(size: str) -> dict:
     hf_texts, vllm_texts = measured["hf"]["texts"][top], measured["vllm"]["texts"][top]
     same = sum(a == b for a, b in zip(hf_texts, vllm_texts, strict=True))
     return {
-        "params": {k: p[k] for k in ("model", "max_tokens", "levels", "ttft_max_tokens", "vllm")}
+        "params": {k: p[k] for k in ("model", "max_tokens", "levels", "ttft_max_tokens", "vllm", "parse_rows", "parse_max_tokens")}
                   | {"prompts_per_level": {str(c): prompts_at(c) for c in p["levels"]}, "dtype": "auto",
                      "hf_dtype": measured["hf"]["dtype"], "vllm_version": vllm_version(),
                      "served_seconds": p["served_seconds"]},
@@ -187,6 +197,7 @@ def run(size: str) -> dict:
         "ttft_p50_s": {e: {str(c): measured[e]["ttft"][c] for c in p["levels"]} for e in ENGINES},
         "same_greedy_outputs": f"{same}/{len(hf_texts)} ({top} rows)",
         "served": served,
+        "decompositions_parsed_pct": measured["vllm"]["parsing"],
     }
 
 
@@ -216,5 +227,15 @@ def render(result: dict, folder: Path) -> str:
         f"Identical greedy outputs: {result['same_greedy_outputs']}. "
         f"Served graph (/v1/solve two_stage, {served['hf']['clients']} closed-loop clients, "
         f"{result['params']['served_seconds']} s): {served_text}.",
+        parse_table(result),
         bar_plot(folder, "vllm_engine", plotted, "generated tokens / s"),
     ])
+
+
+def parse_table(result: dict) -> str:
+    parsed, p = result["decompositions_parsed_pct"], result["params"]
+    rows = [{"decomposer (vLLM, greedy)": f"{p['model']}, {mode}", "parse into 1-3 sub-questions, %": v["parsed_1_to_3"],
+             "none, %": v["none"]} for mode, v in parsed.items()]
+    return (f"Decompositions of GSM8K test questions 0-{p['parse_rows'] - 1} ({p['parse_max_tokens']} new tokens), "
+            "free and with `structured_decompositions: true` (a JSON list of at most 3 questions, guided decoding):\n\n"
+            + table(rows, ["decomposer (vLLM, greedy)", "parse into 1-3 sub-questions, %", "none, %"]))

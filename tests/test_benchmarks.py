@@ -128,6 +128,9 @@ def check_vllm_engine(result: dict) -> None:
     assert result["vllm_vs_hf"] == {c: round(rates["vllm"][c] / rates["hf"][c], 2) for c in levels}
     same, total = result["same_greedy_outputs"].split(" ")[0].split("/")
     assert int(total) == p["prompts_per_level"][levels[-1]] == max(p["levels"][-1], 4) and 0 <= int(same) <= int(total)
+    parsed = result["decompositions_parsed_pct"]
+    assert set(parsed) == {"free", "structured"}
+    assert all(0 <= v["parsed_1_to_3"] and 0 <= v["none"] and v["parsed_1_to_3"] + v["none"] <= 100 for v in parsed.values())
 
 
 CHECKS = {"teacher_http": check_teacher_http, "hf_batch": check_hf_batch, "serving": check_serving,

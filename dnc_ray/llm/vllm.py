@@ -5,6 +5,7 @@ token ids as the hf engine), so greedy answers can be compared token for token."
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -52,7 +53,10 @@ class VLLMEngine:
         yield Chunk(done.text[len(sent):], done)
 
     def shutdown(self) -> None:
+        """Stop the engine's processes now (not in AsyncLLM.__del__, which fails at interpreter exit)."""
         self.engine.shutdown()
+        self.engine = None
+        gc.collect()
 
     async def _complete(self, chat: Messages, params: SamplingParams) -> Completion:
         started = time.perf_counter()

@@ -90,7 +90,7 @@ _RESTATES_MAIN = re.compile(r"\b(?:main|original|complex) question\b", re.IGNORE
 
 def subquestions_schema(max_subquestions: int) -> str:
     """The JSON schema of a structured decomposition: at most `max_subquestions` questions (none: no decomposition)."""
-    question = {"type": "string", "pattern": r"^[^\n]{1,200}\?$"}
+    question = {"type": "string", "pattern": r"^[^\n]{1,100}\?$"}  # ~30 tokens: 3 of them fit max_tokens 128
     return json.dumps({"type": "array", "items": question, "maxItems": max_subquestions})
 
 

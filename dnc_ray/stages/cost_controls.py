@@ -76,12 +76,16 @@ def make_engines(cfgs: dict[str, HFModel | OpenAIModel | VLLMModel]) -> dict[str
     its model loads once and its continuous batching takes both roles' calls."""
     engines, shared = {}, {}
     for role, cfg in cfgs.items():
-        if not isinstance(cfg, VLLMModel):
-            engines[role] = make_engine(cfg)
-            continue
-        key = cfg.model_dump_json(exclude={"temperature", "max_tokens", "price"})
+        key = engine_key(cfg)
         engines[role] = shared[key] = shared.get(key) or make_engine(cfg)
     return engines
+
+
+def engine_key(cfg: HFModel | OpenAIModel | VLLMModel) -> str:
+    """Models with the same key run on one engine in an actor: vllm models alike but for sampling settings."""
+    if isinstance(cfg, VLLMModel):
+        return cfg.model_dump_json(exclude={"temperature", "max_tokens", "price"})
+    return str(id(cfg))
 
 
 def in_flight(cfg: HFModel | OpenAIModel) -> int:

@@ -98,6 +98,7 @@ def build_dataset(cfg: GenerateConfig, rows: list[dict], sink=None, controls=Non
     reference = isinstance(models.get("decomposer"), ReferenceModel)
     models = {role: model for role, model in models.items() if not isinstance(model, ReferenceModel)}
     rows_per_batch = max((m.batch_size for m in models.values()), default=64)
+    engines = list({cost_controls.engine_key(m): m for m in models.values()}.values())  # what an actor reserves
     table = to_table(rows)
     ds = ray.data.from_arrow([table.slice(i, rows_per_batch) for i in range(0, len(rows), rows_per_batch)])
     if reference:
@@ -111,8 +112,8 @@ def build_dataset(cfg: GenerateConfig, rows: list[dict], sink=None, controls=Non
             compute=ray.data.ActorPoolStrategy(
                 size=max(m.actors for m in models.values()), max_concurrent_calls_per_actor=BATCHES_PER_ACTOR
             ),
-            num_cpus=sum(m.num_cpus for m in models.values()),
-            num_gpus=sum(getattr(m, "num_gpus", 0) for m in models.values()) or None,
+            num_cpus=sum(m.num_cpus for m in engines),
+            num_gpus=sum(getattr(m, "num_gpus", 0) for m in engines) or None,
         )
     if cfg.strategy != "decompose":
         ds = ds.map_batches(score_batch, fn_kwargs={"scorer": scorer(cfg.task)}, batch_format="pyarrow", num_cpus=0)

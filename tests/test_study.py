@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ScriptedTeacher, question_of
-from dnc_ray.config import TaskConfig
+from dnc_ray.config import GenerateConfig, TaskConfig
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.method.prompts import DIRECT_INSTRUCTION
 from dnc_ray.study.config import StudyConfig
@@ -422,13 +422,16 @@ def test_study_manifests_validate_against_their_schemas():
 
     from dnc_ray.config import load_config
 
-    for path, schema in (("rayjob-study.yaml", RAYJOB), ("rayjob-pipeline.yaml", RAYJOB),
+    for path, schema in (("rayjob-study.yaml", RAYJOB), ("rayjob-pipeline.yaml", RAYJOB), ("rayjob-generate-vllm.yaml", RAYJOB),
                          ("rayservice-teacher-llm.yaml", RAYSERVICE), ("rayservice.yaml", RAYSERVICE)):
         jsonschema.validate(yaml.safe_load((ROOT / "cluster" / "kuberay" / path).read_text()), schema)
     job = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob-study.yaml").read_text())
     _, script, flag, config = job["spec"]["entrypoint"].split()
     assert script == "jobs/study.py" and flag == "--config"  # test_cluster runs each entrypoint as dnc <stage>
     study = load_config(ROOT / config, StudyConfig)
+    vllm_job = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob-generate-vllm.yaml").read_text())
+    _, script, _, vllm_config = vllm_job["spec"]["entrypoint"].split()
+    assert script == "jobs/generate.py" and load_config(ROOT / vllm_config, GenerateConfig).solver.engine == "vllm"
 
     service = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice-teacher-llm.yaml").read_text())
     served = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))

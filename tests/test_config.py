@@ -169,10 +169,10 @@ def test_every_strategy_of_the_method_is_a_config_strategy():
 
 
 def test_unknown_engine(tmp_path):
-    text = VALID.replace("engine: hf", "engine: vllm")
+    text = VALID.replace("engine: hf", "engine: tgi")
     message = error_of(tmp_path, text)
     assert "`solver`" in message and f"line {line_of(text, 'solver:')}" in message
-    assert "vllm" in message and "'hf'" in message
+    assert "tgi" in message and "'hf'" in message
 
 
 def test_wrong_type_and_range(tmp_path):

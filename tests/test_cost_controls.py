@@ -146,7 +146,7 @@ def test_config_checks_of_the_cost_controls(tmp_path):
         config(tmp_path, strategy="two_stage", decomposer={**m, "requests_per_minute": 10},
                solver={**m, "requests_per_minute": 20})
     config(tmp_path, strategy="two_stage", decomposer={**m, "requests_per_minute": 10}, solver=m)  # one states it: fine
-    with pytest.raises(ValueError, match="cannot hold an hf model"):
+    with pytest.raises(ValueError, match=r"cannot hold a local \(hf, vllm\) model"):
         config(tmp_path, strategy="two_stage", decomposer={"engine": "hf"}, solver={**m, "mode": "batch"})
     with pytest.raises(ValueError, match="answers online"):
         ServeConfig.model_validate({"decomposer": {"model": {**m, "mode": "batch"}}, "solver": {"model": m}})

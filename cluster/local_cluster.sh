@@ -17,6 +17,7 @@ DASHBOARD_PORT=${DNC_DASHBOARD_PORT:-8265}
 HEAD_CPUS=${DNC_HEAD_CPUS:-2}
 WORKER_CPUS=${DNC_WORKER_CPUS:-2}
 RAY=${RAY:-ray}
+WAIT_S=${DNC_CLUSTER_WAIT_S:-300}  # for nodes, then for the job agent (minutes on a loaded 2-core machine)
 export RAY_TMPDIR="$DIR/tmp" RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 
 node() {  # node NAME ARGS...: start one node in its own session, in the background
@@ -26,26 +27,26 @@ node() {  # node NAME ARGS...: start one node in its own session, in the backgro
 }
 
 wait_for_nodes() {
-  local want=$1 deadline=$((SECONDS + 120)) alive=0
+  local want=$1 deadline=$((SECONDS + WAIT_S)) alive=0
   while ((SECONDS < deadline)); do
     alive=$("$RAY" list nodes --address "http://127.0.0.1:$DASHBOARD_PORT" --filter state=ALIVE 2>/dev/null | grep -c ALIVE || true)
     ((alive >= want)) && return 0
     sleep 1
   done
-  echo "local cluster: $alive of $want nodes alive after 120 s; logs in $DIR" >&2
+  echo "local cluster: $alive of $want nodes alive after $WAIT_S s; logs in $DIR" >&2
   return 1
 }
 
 wait_for_jobs() {  # the dashboard answers before its job agent: submit a no-op job until one is accepted and runs
-  local deadline=$((SECONDS + 120)) out=""
+  local deadline=$((SECONDS + WAIT_S)) out=""
   while ((SECONDS < deadline)); do
     if out=$("$RAY" job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --submission-id "dnc-ready-$RANDOM$RANDOM" \
       -- true 2>&1); then
       return 0
     fi
-    sleep 1
+    sleep 2  # each try is a `ray job submit`: seconds of CPU that the starting agent needs too
   done
-  echo "local cluster: the head does not accept jobs after 120 s (last: ${out##*$'\n'}); logs in $DIR" >&2
+  echo "local cluster: the head does not accept jobs after $WAIT_S s (last: ${out##*$'\n'}); logs in $DIR" >&2
   return 1
 }
 

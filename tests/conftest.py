@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Local Ray binds to 127.0.0.1 (by default it takes the machine's network address): test traffic
 # stays on loopback. Read by Ray at import time, so it is set before `import ray`; subprocesses inherit it.
@@ -43,6 +44,23 @@ def ray_local():
     ctx.enable_progress_bars = False
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def proxy(ray_local):
+    """Ray Serve's HTTP proxy on 127.0.0.1 (a free port) for one test module's apps."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
 
 
 def question_of(content: str) -> str:

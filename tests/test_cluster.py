@@ -7,7 +7,6 @@ import json
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import free_port
 from dnc_ray.config import PipelineConfig, load_config
 
 ROOT = Path(__file__).parent.parent
@@ -60,12 +60,6 @@ def test_job_entrypoints_run_their_dnc_command(stage, monkeypatch, capsys, tmp_p
         assert err.startswith(f"dnc {stage}: error: {missing}: cannot read config"), err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def local_cluster():
     """A head and one worker on 127.0.0.2/127.0.0.3, stopped (its own process groups only) at the end."""
@@ -77,7 +71,7 @@ def local_cluster():
     env.pop("RAY_ADDRESS", None)
     script = str(ROOT / "cluster" / "local_cluster.sh")
     try:
-        subprocess.run([script, "start", "1"], env=env, check=True, timeout=240)
+        subprocess.run([script, "start", "1"], env=env, check=True, timeout=700)  # the script waits up to 2 x 300 s
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run([script, "stop"], env=env, timeout=60)

@@ -11,7 +11,6 @@ import concurrent.futures
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -63,12 +62,6 @@ def upstream_fails(index: int, messages: list[dict]) -> int | None:
     return 500 if "PLEASE FAIL" in messages[-1]["content"] else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def call(url: str, body: dict | bytes | None = None, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
     """(status, parsed JSON or text) of a GET (no body) or POST."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -82,14 +75,6 @@ def call(url: str, body: dict | bytes | None = None, headers: dict | None = None
         return status, json.loads(text)
     except json.JSONDecodeError:
         return status, text
-
-
-@pytest.fixture(scope="module")
-def proxy(ray_local):
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

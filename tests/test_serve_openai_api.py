@@ -19,7 +19,7 @@ from conftest import question_of
 from dnc_ray.config import ServeAppConfig
 from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.serve.app import build_app
-from test_serve import AUTH, TOKEN_ENV, call, prometheus, proxy, served  # noqa: F401 (proxy: a fixture, used below)
+from test_serve import AUTH, TOKEN_ENV, call, prometheus, served
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -70,16 +70,6 @@ def test_engine_streams_the_text_it_completes(engine_loop):
     assert chunks[-1].completion.completion_tokens == whole.completion_tokens
 
 
-@pytest.fixture(scope="module")
-def proxy(ray_local):
-    from test_serve import free_port
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
-
 @pytest.mark.timeout(600)
 def test_ray_data_and_serve_on_vllm_answer_the_same_rows_alike(proxy, tmp_path):
     """One definition of the method: a Ray Data run (decomposer and solver sharing one vLLM engine per actor)

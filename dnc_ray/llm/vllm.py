@@ -73,7 +73,6 @@ class VLLMEngine:
                                     request_id=uuid.uuid4().hex, lora_request=self.lora)
 
 
-
 def _completion(out, text: str, tokens: int, started: float) -> Completion:
     return Completion(text=text.strip(), prompt_tokens=len(out.prompt_token_ids), completion_tokens=tokens,
                       latency_s=time.perf_counter() - started)

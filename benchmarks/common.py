@@ -56,9 +56,9 @@ def start_stub(latency_s: float, reply: str = "fixed") -> tuple[subprocess.Popen
     """The stand-in OpenAI-compatible server in its own process, once it answers.
 
     `reply`: "fixed" answers every prompt "The answer is: 42"; "self-ask" also follows the self-ask
-    protocol (dnc_ray.llm.stub_server.self_ask_reply)."""
+    protocol (dnc_ray.testing.stub_server.self_ask_reply)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "dnc_ray.llm.stub_server", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "dnc_ray.testing.stub_server", "--port", str(port),
                                "--latency-s", str(latency_s), "--reply", reply], stdout=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)

@@ -14,19 +14,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from benchmarks.report import plt, save_figure, table
-from dnc_ray.config import (
-    GenerateConfig,
-    HFModel,
-    ModelConfig,
-    PipelineConfig,
-    RayConfig,
-    TaskConfig,
-    load_config,
-)
+from dnc_ray.config import GenerateConfig, PipelineConfig, load_config
 from dnc_ray.evaluate import evaluate_run
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.llm.configs import HFModel, ModelConfig
 from dnc_ray.pipeline import run_pipeline
 from dnc_ray.stages.generate import run_generate
+from dnc_ray.tasks import TaskConfig
 
 CONFIG = Path(__file__).parent / "cost.yaml"
 TINY_MODEL = {"model": "tiny-random-smollm2", "max_tokens": 8}
@@ -99,7 +93,7 @@ def load(size: str) -> CostConfig:
 
 def run(size: str) -> dict:
     cfg = load(size)
-    init_ray(RayConfig(num_cpus=4))
+    init_ray(num_cpus=4)
     ensure_student(cfg)
     measured = {}
     with tempfile.TemporaryDirectory(prefix="dnc-bench-cost-") as folder:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from dnc_ray.config import OpenAIModel
+from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.openai import OpenAIEngine
-from dnc_ray.llm.stub_server import GARBAGE, StubServer
+from dnc_ray.testing.stub_server import GARBAGE, StubServer
 
 MIX = {"429": 0.20, "500": 0.05}  # the mix
 MIX_GARBAGE = {**MIX, GARBAGE: 0.05}  # plus 200 replies without choices

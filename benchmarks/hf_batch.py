@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import bar_plot, table
-from dnc_ray.config import HFModel, TaskConfig
+from dnc_ray.llm.configs import HFModel
 from dnc_ray.llm.dtype import device_caps
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.hf import HFEngine
 from dnc_ray.method.prompts import decompose_messages
-from dnc_ray.tasks import TASKS, load_rows
+from dnc_ray.tasks import TASKS, TaskConfig, load_rows
 
 DTYPES = ("float32", "bfloat16")
 SIZES = {"tiny": {"model": "tiny-random-smollm2", "prompts": 4, "max_tokens": 8, "batches": [1, 4]},

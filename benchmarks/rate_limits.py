@@ -1,6 +1,6 @@
 """Teacher cost controls: a shared rate limit against a per-actor split and no limiter; Batch API cost.
 
-Rate limits: the stand-in server (dnc_ray.llm.stub_server, in its own process) allows 600 requests a minute,
+Rate limits: the stand-in server (dnc_ray.testing.stub_server, in its own process) allows 600 requests a minute,
 enforced per second as OpenAI may quantize it (a bucket of 1 s' worth, 10 requests, refilled
 continuously; 429 with Retry-After past it). A Ray Data `direct` run with 4 MethodStage actors (2 at the tiny size), each up
 to 64 requests in flight (200 ms per request: 1280 requests/s of capacity, 128x the limit), runs three
@@ -43,11 +43,12 @@ import httpx
 
 from benchmarks.common import free_port
 from benchmarks.report import bar_plot, table
-from dnc_ray.config import BudgetReached, GenerateConfig
-from dnc_ray.infra.store import RunStore
-from dnc_ray.llm.stub_server import StubServer
+from dnc_ray.config import GenerateConfig
+from dnc_ray.infra.errors import BudgetReached
 from dnc_ray.stages import cost_controls
 from dnc_ray.stages.generate import run_generate
+from dnc_ray.stages.store import RunStore
+from dnc_ray.testing.stub_server import StubServer
 
 LIMIT_RPM = 600
 LATENCY_S = 0.2
@@ -69,7 +70,7 @@ def limited_stand_in():
     """The stand-in with the limit, in its own process (in this one it would share the GIL with the driver,
     and its own delays would bunch the arrivals it counts); yields its base URL."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "dnc_ray.llm.stub_server", "--port", str(port), "--latency-s",
+    server = subprocess.Popen([sys.executable, "-m", "dnc_ray.testing.stub_server", "--port", str(port), "--latency-s",
                                str(LATENCY_S), "--requests-per-minute", str(LIMIT_RPM), "--rate-window-s", "1"],
                               stdout=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"

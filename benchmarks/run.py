@@ -18,7 +18,6 @@ import ray
 
 from benchmarks.common import RESULTS, save
 from benchmarks.report import write_readme
-from dnc_ray.config import RayConfig
 from dnc_ray.infra.cluster import init_ray
 
 BENCHMARKS = ["teacher_http", "hf_batch", "serving", "training", "cost", "rate_limits", "vllm_engine"]
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shared_ray = args.size == "tiny"
     if shared_ray:
-        init_ray(RayConfig(num_cpus=4))  # each benchmark's own init_ray then joins this one
+        init_ray(num_cpus=4)  # each benchmark's own init_ray then joins this one
     for name in args.only:
         print(f"[bench] {name} ({args.size}) ...", flush=True)
         result = importlib.import_module(f"benchmarks.{name}").run(args.size)

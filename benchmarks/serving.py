@@ -24,14 +24,15 @@ from ray.serve.schema import LoggingConfig
 
 from benchmarks.common import free_port, start_stub
 from benchmarks.report import plt, save_figure, table
-from dnc_ray.config import OpenAIModel, RayConfig, ServeAppConfig, TaskConfig
+from dnc_ray.config import ServeAppConfig
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm.chat_model import ChatModel
+from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.openai import OpenAIEngine
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.method.row import new_row
 from dnc_ray.serve.app import build_app
-from dnc_ray.tasks import GENERIC_RULES, load_rows
+from dnc_ray.tasks import GENERIC_RULES, TaskConfig, load_rows
 
 SIZES = {
     "tiny": {"model": "tiny-random-smollm2", "max_tokens": [8, 8], "concurrency": [1, 4], "seconds": 1.5,
@@ -185,7 +186,7 @@ async def graph_overhead(p: dict, questions: list[str], port: int) -> dict:
 def run(size: str) -> dict:
     p = SIZES[size]
     questions = [r["question"] for r in load_rows(TaskConfig(name="gsm8k", split="test", limit=64))]
-    init_ray(RayConfig(num_cpus=4))
+    init_ray(num_cpus=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -1,7 +1,7 @@
 """Teacher generation over HTTP: Ray Data runs of two_stage and self_ask against a sequential loop and the ideal.
 
 A local OpenAI-compatible server with a fixed per-request latency and ample capacity stands in
-for a hosted API (dnc_ray.llm.stub_server in its own process, its self-ask script on: every self_ask
+for a hosted API (dnc_ray.testing.stub_server in its own process, its self-ask script on: every self_ask
 row asks SELF_ASK_FOLLOW_UPS follow-ups). Every runtime here runs the method (`dnc_ray.method`): the
 benchmark builds no prompt and reads no answer. Every figure is measured in one run, on one server.
 """
@@ -17,16 +17,17 @@ import psutil
 
 from benchmarks.common import start_stub
 from benchmarks.report import bar_plot, table
-from dnc_ray.config import GenerateConfig, OpenAIModel, TaskConfig
+from dnc_ray.config import GenerateConfig
 from dnc_ray.infra.cluster import init_ray
-from dnc_ray.infra.store import RunStore
 from dnc_ray.llm.chat_model import ChatModel
+from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.openai import OpenAIEngine
-from dnc_ray.llm.stub_server import SELF_ASK_FOLLOW_UPS
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.method.row import new_row
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.tasks import TASKS, load_rows
+from dnc_ray.stages.store import RunStore
+from dnc_ray.tasks import TASKS, TaskConfig, load_rows
+from dnc_ray.testing.stub_server import SELF_ASK_FOLLOW_UPS
 
 LATENCY_S = 0.2
 # Requests per row: two_stage decomposes and solves; self_ask's decomposer takes one turn per follow-up
@@ -80,7 +81,7 @@ def ray_run(base_url: str, strategy: str, n_rows: int, in_flight_per_model: int)
         cfg = GenerateConfig.model_validate({
             "task": {"name": "gsm8k", "split": "train", "limit": n_rows}, "strategy": strategy,
             "output": out, "decomposer": model, "solver": model, "progress_interval_s": 30})
-        init_ray(cfg.ray)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
         psutil.cpu_percent()  # starts the count: the next call gives the busy share since this one
         started = time.perf_counter()
         attempt = run_generate(cfg)

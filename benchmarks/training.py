@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.report import plt, save_figure, table
-from dnc_ray.config import GenerateConfig, RayConfig, TrainConfig
+from dnc_ray.config import GenerateConfig, TrainConfig
 from dnc_ray.distill import build_training_set
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
@@ -93,7 +93,7 @@ def zero_run(train_set: str, folder: str, p: dict, stage: int, workers: int, dty
 
 def run(size: str) -> dict:
     p = SIZES[size]
-    init_ray(RayConfig(num_cpus=4))
+    init_ray(num_cpus=4)
     with tempfile.TemporaryDirectory(prefix="dnc-bench-train-") as folder:
         train_set = training_set(folder, p["rows"])
         dtyped = dtype_runs(train_set, folder, p["model"], p["dtypes"])

@@ -15,13 +15,13 @@ from ray import serve
 from benchmarks.common import free_port
 from benchmarks.report import bar_plot, table
 from benchmarks.serving import closed_loop, deploy, http_sender, http_session
-from dnc_ray.config import HFModel, RayConfig, ServeAppConfig, TaskConfig, VLLMModel
+from dnc_ray.config import ServeAppConfig
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.llm.configs import HFModel, VLLMModel
 from dnc_ray.llm.engine import Messages, SamplingParams
 from dnc_ray.llm.hf import HFEngine
-from dnc_ray.llm.hf_streaming import stream_batch
 from dnc_ray.method.prompts import decompose_messages, parse_subquestions, subquestions_schema
-from dnc_ray.tasks import TASKS, load_rows
+from dnc_ray.tasks import TASKS, TaskConfig, load_rows
 
 ENGINES = ("hf", "vllm")
 SIZES = {
@@ -55,7 +55,7 @@ async def hf_first_tokens(engine: HFEngine, chats: list[Messages], params: Sampl
     """One streamed batch of the chats: seconds from its start to each row's first non-empty chunk (a row that
     never shows text: to its end)."""
     started, first = time.perf_counter(), [None] * len(chats)
-    async for row, chunk in stream_batch(engine, chats, params, [threading.Event() for _ in chats]):
+    async for row, chunk in engine.astream_batch(chats, params, [threading.Event() for _ in chats]):
         if first[row] is None and (chunk.text or chunk.completion is not None):
             first[row] = time.perf_counter() - started
     return first
@@ -173,7 +173,7 @@ def run(size: str) -> dict:
     loop = asyncio.new_event_loop()
     try:
         measured = {"hf": measure_hf(p, chats[:prompts_at(top)], loop), "vllm": measure_vllm(p, chats, loop)}
-        init_ray(RayConfig(num_cpus=4))  # at the tiny size: joins the runner's Ray
+        init_ray(num_cpus=4)  # at the tiny size: joins the runner's Ray
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:

@@ -6,18 +6,9 @@ import argparse
 import functools
 import sys
 
-from dnc_ray.config import (
-    VARIANTS,
-    BudgetReached,
-    ConfigError,
-    GenerateConfig,
-    PipelineConfig,
-    RowsFailed,
-    ServeConfig,
-    TrainConfig,
-    load_config,
-)
+from dnc_ray.config import VARIANTS, GenerateConfig, PipelineConfig, ServeConfig, TrainConfig, load_config
 from dnc_ray.infra import console, storage
+from dnc_ray.infra.errors import BudgetReached, ConfigError, RowsFailed
 from dnc_ray.infra.lease import LeaseError
 from dnc_ray.llm.models import ModelRefError
 from dnc_ray.tasks import TaskError

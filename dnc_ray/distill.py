@@ -16,15 +16,16 @@ from dataclasses import replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dnc_ray.config import VARIANTS, ConfigError, GenerateConfig
+from dnc_ray.config import VARIANTS, GenerateConfig
 from dnc_ray.infra import storage
-from dnc_ray.infra.store import RunStore
+from dnc_ray.infra.errors import ConfigError
 from dnc_ray.method.prompts import (
     decompose_messages,
     format_subquestions,
     replace_answer,
     solve_messages,
 )
+from dnc_ray.stages.store import RunStore
 from dnc_ray.tasks import PromptRules, get_task
 
 TRAIN_SCHEMA = pa.schema(

@@ -6,8 +6,8 @@ import json
 
 from dnc_ray.config import GenerateConfig
 from dnc_ray.infra import storage
-from dnc_ray.infra.store import RunStore
 from dnc_ray.stages.score import score_rows
+from dnc_ray.stages.store import RunStore
 from dnc_ray.tasks import get_task, scorer
 
 STAGES = ("decompose", "solve")

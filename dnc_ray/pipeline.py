@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 
-from dnc_ray.config import GenerateConfig, PipelineConfig, RowsFailed, TrainConfig
+from dnc_ray.config import GenerateConfig, PipelineConfig, TrainConfig
 from dnc_ray.distill import build_training_set, yield_table
 from dnc_ray.evaluate import evaluate_run, markdown_table
 from dnc_ray.infra import console, storage
+from dnc_ray.infra.errors import RowsFailed
 from dnc_ray.infra.lease import Lease
 from dnc_ray.stages.cost_controls import within_budget
 from dnc_ray.stages.generate import check_api_keys, check_failed_rows, check_output, run_generate

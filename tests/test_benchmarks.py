@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
-from dnc_ray.llm.stub_server import SELF_ASK_FOLLOW_UPS
+from dnc_ray.testing.stub_server import SELF_ASK_FOLLOW_UPS
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "benchmarks" / "results" / "smoke"

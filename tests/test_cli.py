@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from dnc_ray.config import GenerateConfig, Price
-from dnc_ray.infra.store import RunStore
+from dnc_ray.config import GenerateConfig
+from dnc_ray.llm.configs import Price
 from dnc_ray.method.row import new_row, to_table
 from dnc_ray.stages.generate import run_identity  # imports ray; starts nothing
+from dnc_ray.stages.store import RunStore
 
 pytestmark = pytest.mark.slow  # every test runs `dnc` in a subprocess (seconds of imports each)
 

@@ -5,18 +5,10 @@ import textwrap
 
 import pytest
 
-from dnc_ray.config import (
-    ConfigError,
-    GenerateConfig,
-    HFModel,
-    OpenAIModel,
-    PipelineConfig,
-    Price,
-    ReferenceModel,
-    ServeAppConfig,
-    TaskConfig,
-    load_config,
-)
+from dnc_ray.config import GenerateConfig, PipelineConfig, ServeAppConfig, load_config
+from dnc_ray.infra.errors import ConfigError
+from dnc_ray.llm.configs import HFModel, OpenAIModel, Price, ReferenceModel
+from dnc_ray.tasks import TaskConfig
 
 VALID = """\
 task:

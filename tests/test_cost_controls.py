@@ -21,18 +21,19 @@ import yaml
 
 from conftest import ScriptedTeacher, question_of
 from dnc_ray.cli import main as dnc
-from dnc_ray.config import GenerateConfig, OpenAIModel, PipelineConfig, ServeConfig, TaskConfig
-from dnc_ray.infra.store import RunStore
+from dnc_ray.config import GenerateConfig, PipelineConfig, ServeConfig
 from dnc_ray.llm.batch_api import split_requests
 from dnc_ray.llm.budget import BudgetedModel, Ledger, LocalLedger
+from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.engine import Completion, SamplingParams
 from dnc_ray.llm.openai import OpenAIEngine
 from dnc_ray.llm.rate_limit import Bucket, rate_tokens
-from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.method.prompts import DECOMPOSE_INSTRUCTION
 from dnc_ray.stages.cost_controls import run_spend, within_budget
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.tasks import load_rows
+from dnc_ray.stages.store import RunStore
+from dnc_ray.tasks import TaskConfig, load_rows
+from dnc_ray.testing.stub_server import StubServer
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,12 +7,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from dnc_ray.config import ConfigError, GenerateConfig
+from dnc_ray.config import GenerateConfig
 from dnc_ray.distill import build_training_set
-from dnc_ray.infra.store import RunStore
+from dnc_ray.infra.errors import ConfigError
 from dnc_ray.method.prompts import DECOMPOSE_INSTRUCTION, SOLVE_INSTRUCTION
 from dnc_ray.method.row import new_row, to_table
 from dnc_ray.stages.generate import run_identity
+from dnc_ray.stages.store import RunStore
 
 
 def scored_row(qid: str, sample: int, subquestions, solution, correct, task="gsm8k", error=None) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from dnc_ray.config import HFModel
+from dnc_ray.llm.configs import HFModel
 from dnc_ray.llm.dtype import DeviceCaps, device_caps, resolve_dtype
 from dnc_ray.llm.engine import Completion, SamplingParams
 from dnc_ray.llm.hf import HFEngine

@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 
 from conftest import ScriptedTeacher
-from dnc_ray.config import OpenAIModel
 from dnc_ray.llm.chat_model import ChatModel, MicroBatcher
+from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.openai import OpenAIEngine
-from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.method.prompts import FOLLOW_UP_INSTRUCTION
 from dnc_ray.method.row import new_row
 from dnc_ray.method.self_ask import next_line
 from dnc_ray.tasks import TASKS
+from dnc_ray.testing.stub_server import StubServer
 
 PRICE = {"input_per_1k": 1.0, "output_per_1k": 2.0}
 QUESTION = "Tom has 3 boxes of 4 pens. How many pens?"

@@ -8,10 +8,10 @@ import time
 import openai
 import pytest
 
-from dnc_ray.config import OpenAIModel
+from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.openai import OpenAIEngine
-from dnc_ray.llm.stub_server import GARBAGE, GARBAGE_TEXT, RESET, StubServer
+from dnc_ray.testing.stub_server import GARBAGE, GARBAGE_TEXT, RESET, StubServer
 
 pytestmark = pytest.mark.timeout(60)
 

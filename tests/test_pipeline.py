@@ -15,13 +15,13 @@ import ray
 import yaml
 
 from conftest import ScriptedTeacher, question_of
-from dnc_ray.config import GenerateConfig, TaskConfig
+from dnc_ray.config import GenerateConfig
 from dnc_ray.evaluate import evaluate_run
-from dnc_ray.infra.store import RunStore
 from dnc_ray.llm.dtype import device_caps
-from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.tasks import load_rows
+from dnc_ray.stages.store import RunStore
+from dnc_ray.tasks import TaskConfig, load_rows
+from dnc_ray.testing.stub_server import StubServer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -330,7 +330,8 @@ def test_exit_status_tells_whether_rows_failed_beyond_the_threshold(ray_local, t
 def test_pipeline_stops_after_a_teacher_run_with_failed_rows(tmp_path, monkeypatch):
     """No distillation from a partial teacher run (it would be reused by every later run of the pipeline)."""
     from dnc_ray import pipeline
-    from dnc_ray.config import PipelineConfig, RowsFailed
+    from dnc_ray.config import PipelineConfig
+    from dnc_ray.infra.errors import RowsFailed
 
     cfg = PipelineConfig.model_validate({
         "output": str(tmp_path / "p"), "train_task": {"name": "gsm8k", "limit": 4}, "eval_task": {"name": "gsm8k", "limit": 2},

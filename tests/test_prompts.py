@@ -179,8 +179,7 @@ EXPECTED_ANSWERS = ["2", "2", "150", "180", "1", "5", "20", "20 GB"]
 
 def test_recorded_file_matches_its_recipe():
     """The recording is of the first 8 GSM8K test questions as the bundled task loads them now, with their golds."""
-    from dnc_ray.config import TaskConfig
-    from dnc_ray.tasks import load_rows
+    from dnc_ray.tasks import TaskConfig, load_rows
 
     assert RECORDED["model"] == "smollm2-135m-instruct"
     rows = load_rows(TaskConfig(name="gsm8k", split="test", limit=8))

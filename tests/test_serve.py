@@ -28,13 +28,14 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from conftest import ScriptedTeacher, question_of
-from dnc_ray.config import ConfigError, GenerateConfig, ServeAppConfig, ServeConfig, TaskConfig, load_config
-from dnc_ray.infra.store import RunStore
-from dnc_ray.llm.stub_server import StubServer
+from dnc_ray.config import GenerateConfig, ServeAppConfig, ServeConfig, load_config
+from dnc_ray.infra.errors import ConfigError
 from dnc_ray.serve.app import build_app
 from dnc_ray.serve.schema import MODELS
 from dnc_ray.stages.generate import run_generate
-from dnc_ray.tasks import load_rows
+from dnc_ray.stages.store import RunStore
+from dnc_ray.tasks import TaskConfig, load_rows
+from dnc_ray.testing.stub_server import StubServer
 
 ROOT = Path(__file__).parent.parent
 TOKEN_ENV, TOKEN = "DNC_TEST_SERVE_TOKEN", "test-token-7f3a"

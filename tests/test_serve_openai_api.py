@@ -17,8 +17,8 @@ from ray import serve
 
 from conftest import question_of
 from dnc_ray.config import ServeAppConfig
-from dnc_ray.llm.stub_server import StubServer
 from dnc_ray.serve.app import build_app
+from dnc_ray.testing.stub_server import StubServer
 from test_serve import AUTH, TOKEN_ENV, call, prometheus, served
 
 pytestmark = pytest.mark.timeout(180)

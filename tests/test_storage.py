@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from dnc_ray.infra import storage
-from dnc_ray.infra.store import RunStore
+from dnc_ray.stages.store import RunStore
 
 
 def test_a_relative_local_path_is_made_absolute(tmp_path, monkeypatch):

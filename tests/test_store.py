@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from dnc_ray.infra.store import RunStore
 from dnc_ray.method.row import new_row, to_table
+from dnc_ray.stages.store import RunStore
 
 
 def row(qid: str, error: str | None = None, solution: str | None = None) -> dict:
@@ -111,7 +111,8 @@ def test_two_drivers_taking_a_free_lease_at_once_one_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- a damaged run.json is rebuilt (issue 12, item 3)
 
-from dnc_ray.config import ConfigError, GenerateConfig  # noqa: E402
+from dnc_ray.config import GenerateConfig
+from dnc_ray.infra.errors import ConfigError
 from dnc_ray.stages.generate import load_meta, run_identity  # noqa: E402 (imports ray, starts nothing)
 
 

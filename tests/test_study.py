@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from conftest import ScriptedTeacher, question_of
-from dnc_ray.config import GenerateConfig, TaskConfig
-from dnc_ray.llm.stub_server import StubServer
+from dnc_ray.config import GenerateConfig
 from dnc_ray.method.prompts import DIRECT_INSTRUCTION
 from dnc_ray.study.config import StudyConfig
-from dnc_ray.tasks import load_rows
+from dnc_ray.tasks import TaskConfig, load_rows
+from dnc_ray.testing.stub_server import StubServer
 
 ROOT = Path(__file__).parent.parent
 
@@ -225,8 +225,8 @@ def test_a_changed_input_plans_exactly_the_cells_downstream(tmp_path):
 def test_a_generation_run_with_retried_rows_changes_the_keys_downstream(tmp_path):
     """A re-submit that retries failed teacher rows keeps the run's key but changes its rows: the sets and
     students made from it are made again (dnc pipeline used to reuse them because the files existed)."""
-    from dnc_ray.infra.store import RunStore
     from dnc_ray.method.row import new_row, to_table
+    from dnc_ray.stages.store import RunStore
     from dnc_ray.study.cells import Built, cell_key, run_digest
 
     store = RunStore(str(tmp_path / "run"))
@@ -248,8 +248,8 @@ def test_pipeline_reuses_the_set_and_student_only_when_made_from_the_same_inputs
     the set is rebuilt, the student retrained from nothing (its old checkpoints removed) and re-evaluated."""
     from dnc_ray import pipeline
     from dnc_ray.config import PipelineConfig
-    from dnc_ray.infra.store import RunStore
     from dnc_ray.method.row import new_row, to_table
+    from dnc_ray.stages.store import RunStore
 
     out = tmp_path / "p"
     cfg = PipelineConfig.model_validate({
@@ -369,7 +369,8 @@ def test_study_configs_load_and_plan_the_paper_layout():
     ({"tasks": [{"name": "gsm8k", "train": {}, "test": {}, "training": {"lrr": 1}}]}, "training: lrr"),
 ])
 def test_study_config_errors_name_the_problem(tmp_path, change, message):
-    from dnc_ray.config import ConfigError, load_config
+    from dnc_ray.config import load_config
+    from dnc_ray.infra.errors import ConfigError
     from dnc_ray.study.config import StudyConfig as Study
 
     settings = tiny_settings(tmp_path) | change
@@ -471,8 +472,8 @@ def test_scheduler_runs_cells_as_ray_tasks_and_a_failure_skips_only_what_is_down
     """Training sets from a hand-made run, as cells: a cell whose builder raises is reported and the cell made
     from it is skipped, the others are built; a cell whose make() raises fails alone; a re-run reuses the built
     ones and tries the failed ones again."""
-    from dnc_ray.infra.store import RunStore
     from dnc_ray.method.row import new_row, to_table
+    from dnc_ray.stages.store import RunStore
     from dnc_ray.study.cells import Cell, Job, run_cells
 
     run = tmp_path / "run"

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dnc_ray.config import GenerateConfig, TaskConfig
+from dnc_ray.config import GenerateConfig
 from dnc_ray.evaluate import summarize
 from dnc_ray.method.row import ROW_SCHEMA, new_row
 from dnc_ray.stages.score import score_rows
-from dnc_ray.tasks import GENERIC_RULES, TASKS, PromptRules, Task, TaskError, get_task, load_rows, scorer
+from dnc_ray.tasks import GENERIC_RULES, TASKS, PromptRules, Task, TaskConfig, TaskError, get_task, load_rows, scorer
 from dnc_ray.tasks.gsm8k import reference_subquestions
 from dnc_ray.tasks.task import demonstrations
 

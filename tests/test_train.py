@@ -25,7 +25,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dnc_ray.config import ConfigError, HFModel, TrainConfig, load_config
+from dnc_ray.config import TrainConfig, load_config
+from dnc_ray.infra.errors import ConfigError
+from dnc_ray.llm.configs import HFModel
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.models import TINY_RANDOM, ModelRefError, resolve_model

@@ -11,12 +11,14 @@ import openai
 import pytest
 from ray import serve
 
-from dnc_ray.config import ConfigError, GenerateConfig, ServeAppConfig, VLLMModel
-from dnc_ray.infra.store import RunStore
+from dnc_ray.config import GenerateConfig, ServeAppConfig
+from dnc_ray.infra.errors import ConfigError
 from dnc_ray.llm import SamplingParams, make_engine
+from dnc_ray.llm.configs import VLLMModel
 from dnc_ray.llm.models import ModelRefError
 from dnc_ray.serve.app import build_app
 from dnc_ray.stages.generate import run_generate
+from dnc_ray.stages.store import RunStore
 from test_serve import call, served
 
 # float32: greedy answers that do not depend on how vLLM happened to batch them

@@ -7,22 +7,23 @@ import socket
 
 import ray
 
-from dnc_ray.config import ConfigError, RayConfig
 from dnc_ray.infra import console
+from dnc_ray.infra.errors import ConfigError
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Join the configured cluster, or start a local Ray with cfg.num_cpus logical CPUs."""
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (else RAY_ADDRESS), or start a local Ray with `num_cpus` logical CPUs
+    (a config's `ray:` section)."""
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
     console.open_logs()  # a quiet `dnc`: Ray's logs go to files from here on
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     console.route_worker_output()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints one progress line per interval instead

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import openai
 
-from dnc_ray.config import OpenAIModel, Price
+from dnc_ray.llm.configs import OpenAIModel, Price
 from dnc_ray.llm.engine import Completion, Messages, SamplingParams
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})

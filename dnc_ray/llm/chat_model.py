@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from dnc_ray.config import HFModel, OpenAIModel, VLLMModel
+from dnc_ray.llm.configs import HFModel, OpenAIModel, VLLMModel
 from dnc_ray.llm.engine import Completion, Engine, Messages, SamplingParams
 
 

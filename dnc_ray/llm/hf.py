@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from dnc_ray.config import HFModel
+from dnc_ray.llm.configs import HFModel
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
 from dnc_ray.llm.hf_streaming import stream_batch
@@ -41,8 +41,15 @@ class HFEngine:
 
     async def astream(self, chat: Messages, params: SamplingParams) -> AsyncIterator[Chunk]:
         """One chat streamed (a batch of one; Serve's LocalModel streams whole batches)."""
-        async for _, chunk in stream_batch(self, [chat], params, [threading.Event()]):
+        async for _, chunk in self.astream_batch([chat], params, [threading.Event()]):
             yield chunk
+
+    async def astream_batch(
+        self, chats: list[Messages], params: SamplingParams, cancelled: list[threading.Event]
+    ) -> AsyncIterator[tuple[int, Chunk]]:
+        """(row, chunk) events of one batch as it generates (hf_streaming); a row whose event is set stops early."""
+        async for event in stream_batch(self.tokenizer, self._generate_batch, chats, params, cancelled):
+            yield event
 
     @torch.inference_mode()
     def _generate_batch(

@@ -1,7 +1,7 @@
 """Streaming a batch of chats from a local model: each row's new text as the batch generates, rows
 that nobody reads any more stopped early, and the same final Completions as `HFEngine.generate`.
 
-    async for row, chunk in stream_batch(engine, chats, params, cancelled):  # cancelled: threading.Events
+    async for row, chunk in engine.astream_batch(chats, params, cancelled):  # an HFEngine; threading.Events
         ...   # chunk.text: new text of that row; its last chunk carries the Completion
 
 `generate` runs in a worker thread; a `RowStreamer` gets each step's tokens, decodes every row's
@@ -15,20 +15,19 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from dnc_ray.llm.engine import Chunk, Messages, SamplingParams
+from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
 
-if TYPE_CHECKING:
-    from dnc_ray.llm.hf import HFEngine
+GenerateBatch = Callable[[list[Messages], SamplingParams, BaseStreamer, StoppingCriteriaList], list[Completion]]
 
 
 async def stream_batch(
-    engine: HFEngine, chats: list[Messages], params: SamplingParams, cancelled: list[threading.Event]
+    tokenizer, generate_batch: GenerateBatch, chats: list[Messages], params: SamplingParams,
+    cancelled: list[threading.Event],
 ) -> AsyncIterator[tuple[int, Chunk]]:
     """(row, chunk) events of one batch, in the order they are produced; each row ends with its Completion."""
     loop = asyncio.get_running_loop()
@@ -38,9 +37,9 @@ async def stream_batch(
     def on_text(row: int, text: str) -> None:  # called from the generate thread
         loop.call_soon_threadsafe(events.put_nowait, (row, text))
 
-    streamer = RowStreamer(engine.tokenizer, len(chats), params.stop, on_text)
+    streamer = RowStreamer(tokenizer, len(chats), params.stop, on_text)
     stopping = StoppingCriteriaList([Cancelled(cancelled)])
-    generation = asyncio.ensure_future(asyncio.to_thread(engine._generate_batch, chats, params, streamer, stopping))
+    generation = asyncio.ensure_future(asyncio.to_thread(generate_batch, chats, params, streamer, stopping))
     generation.add_done_callback(lambda _: events.put_nowait(None))
     while (event := await events.get()) is not None:
         row, text = event

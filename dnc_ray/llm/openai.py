@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 
 import openai
 
-from dnc_ray.config import OpenAIModel
+from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
 from dnc_ray.llm.rate_limit import Limiter, rate_tokens
 

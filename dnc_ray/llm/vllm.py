@@ -19,7 +19,7 @@ from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from dnc_ray.config import VLLMModel
+from dnc_ray.llm.configs import VLLMModel
 from dnc_ray.llm.engine import Chunk, Completion, Messages, SamplingParams
 from dnc_ray.llm.vllm_settings import check_settings, engine_args
 

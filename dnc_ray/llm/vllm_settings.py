@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dnc_ray.config import ConfigError, VLLMModel
+from dnc_ray.infra.errors import ConfigError
+from dnc_ray.llm.configs import VLLMModel
 from dnc_ray.llm.models import resolve_model
 
 GIB = 1 << 30

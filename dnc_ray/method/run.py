@@ -1,4 +1,5 @@
-"""Running a strategy over one row: the steps in order, each model call's usage summed per stage.
+"""What a strategy is (named Steps, each calling models by role) and running one over a row: the steps in
+order, each model call's usage summed per stage.
 
 A step that is already done (its output is in the row: a reference decomposition, a decomposition
 kept from an earlier attempt) is skipped, so a resumed row restarts at the step that failed.
@@ -8,14 +9,13 @@ failure (an engine bug, a runtime's deadline) propagates to the runtime.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from dnc_ray.llm.engine import Completion, Messages
 
 if TYPE_CHECKING:
-    from dnc_ray.method.strategies import Step, Strategy
     from dnc_ray.tasks import PromptRules
 
 Role = Literal["decomposer", "solver"]
@@ -64,7 +64,26 @@ class StepContext:
         return completion.text
 
 
-StepDone = Callable[[dict, "Step"], None]
+@dataclass(frozen=True)
+class Step:
+    name: str  # the prefix of a failed row's error
+    roles: tuple[Role, ...]  # the models it calls
+    outputs: tuple[str, ...]  # the row fields it writes (cleared when it starts)
+    done_when: str  # the step is done when this row field is set
+    run: Callable[[dict, StepContext], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    steps: tuple[Step, ...]
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return tuple(dict.fromkeys(role for step in self.steps for role in step.roles))
+
+
+StepDone = Callable[[dict, Step], None]
 
 
 async def run_row(

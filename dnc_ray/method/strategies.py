@@ -11,31 +11,9 @@ role and records the reply into the row.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-
 from dnc_ray.method import prompts
-from dnc_ray.method.run import Role, StepContext, StepFailed
+from dnc_ray.method.run import Step, StepContext, StepFailed, Strategy
 from dnc_ray.method.self_ask import self_ask
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str  # the prefix of a failed row's error
-    roles: tuple[Role, ...]  # the models it calls
-    outputs: tuple[str, ...]  # the row fields it writes (cleared when it starts)
-    done_when: str  # the step is done when this row field is set
-    run: Callable[[dict, StepContext], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Strategy:
-    name: str
-    steps: tuple[Step, ...]
-
-    @property
-    def roles(self) -> tuple[Role, ...]:
-        return tuple(dict.fromkeys(role for step in self.steps for role in step.roles))
 
 
 async def _decompose(row: dict, ctx: StepContext) -> None:

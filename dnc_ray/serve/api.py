@@ -14,11 +14,10 @@ the request sent.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,21 +28,32 @@ from dnc_ray.config import ServeAppConfig
 from dnc_ray.infra import console
 from dnc_ray.serve.schema import (
     ChatRequest,
+    ChatResponse,
     CompletionRequest,
+    CompletionResponse,
     ModelList,
     SolveRequest,
+    SolveResponse,
+    error_body,
     unsupported_fields,
 )
 
-if TYPE_CHECKING:
-    from dnc_ray.serve.app import Ingress
-
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-                502: "upstream_error", 504: "timeout_error"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def build_api(graph: Ingress, cfg: ServeAppConfig) -> FastAPI:
+class Graph(Protocol):
+    """What the routes call: the ingress of serve/app.py."""
+
+    async def solve(self, request: SolveRequest) -> SolveResponse: ...
+    def solve_events(self, request: SolveRequest) -> AsyncIterator[str]: ...
+    async def chat(self, request: ChatRequest) -> ChatResponse: ...
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[str]: ...
+    async def completion(self, request: CompletionRequest) -> CompletionResponse: ...
+    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[str]: ...
+    def models(self) -> ModelList: ...
+
+
+def build_api(graph: Graph, cfg: ServeAppConfig) -> FastAPI:
     """A FastAPI app whose routes call the ingress's methods."""
     api = FastAPI(title="dnc_ray")
     api.add_middleware(Guard, token=_token(cfg.auth_token_env), max_body_bytes=cfg.max_body_bytes)
@@ -85,16 +95,6 @@ def build_api(graph: Ingress, cfg: ServeAppConfig) -> FastAPI:
 def sse(events: AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events; each item of `events` is one whole event ("data: ...\\n\\n")."""
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-def sse_data(payload: dict | str, event: str | None = None) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:

@@ -26,10 +26,11 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from dnc_ray.config import HFModel, ServeAppConfig, ServeConfig, ServedModel, VLLMModel
+from dnc_ray.config import ServeAppConfig, ServeConfig, ServedModel
 from dnc_ray.infra import console
 from dnc_ray.infra.cluster import init_ray
 from dnc_ray.llm import Completion, Messages, SamplingParams
+from dnc_ray.llm.configs import HFModel, VLLMModel
 from dnc_ray.llm.engine import Chunk
 from dnc_ray.llm.vllm_settings import check_settings
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
@@ -437,7 +438,7 @@ def serve_forever(cfg: ServeConfig) -> None:
     for role in ("decomposer", "solver"):  # a bad vllm setting: one line, before Ray starts
         if isinstance(model := getattr(cfg, role).model, VLLMModel):
             check_settings(model, role)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:
         serve.run(build_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix)

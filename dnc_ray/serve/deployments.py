@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from dnc_ray.config import HFModel, OpenAIModel, VLLMModel
 from dnc_ray.llm import Completion, Messages, SamplingParams, make_engine
+from dnc_ray.llm.configs import HFModel, OpenAIModel, VLLMModel
 from dnc_ray.llm.engine import Chunk
-from dnc_ray.llm.hf_streaming import stream_batch
 
 
 @serve.deployment
@@ -67,7 +66,7 @@ class LocalModel:
         try:
             for same in dict.fromkeys(params):  # one streamed generate per distinct sampling setting
                 picked = [i for i, p in enumerate(params) if p == same]
-                async for j, chunk in stream_batch(self.engine, [chats[i] for i in picked], same, [cancelled[i] for i in picked]):
+                async for j, chunk in self.engine.astream_batch([chats[i] for i in picked], same, [cancelled[i] for i in picked]):
                     pending[picked[j]].append(chunk)
                     yield [_take(pending, i) for i in range(len(chats))]
                     if chunk.completion is not None:

@@ -7,6 +7,7 @@ server does not implement are named in the refusal; other unknown fields are cou
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from dnc_ray.tasks import TASKS
 
 MODELS = ("decomposer", "solver", "pipeline")
+
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+                502: "upstream_error", 504: "timeout_error"}
 
 # OpenAI request fields this server does not implement; accepted only at their neutral value.
 NOT_IMPLEMENTED = {
@@ -167,3 +171,13 @@ HONOURED = {
     "/v1/chat/completions": sorted(ChatRequest.model_fields),
     "/v1/completions": sorted(CompletionRequest.model_fields),
 }
+
+
+def sse_data(payload: dict | str, event: str | None = None) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}

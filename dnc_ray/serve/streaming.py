@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from starlette.exceptions import HTTPException
 
-from dnc_ray.serve.api import error_body, sse_data
+from dnc_ray.serve.schema import error_body, sse_data
 
 logger = logging.getLogger(__name__)
 

@@ -37,11 +37,12 @@ import datetime as dt
 import time
 from collections.abc import Callable
 
-from dnc_ray.config import GenerateConfig, OpenAIModel, ReferenceModel
+from dnc_ray.config import GenerateConfig
 from dnc_ray.infra import console
 from dnc_ray.llm.batch_api import CURRENT_ROW, TERMINAL, BatchClient, BatchModel, Pending, request_line, split_requests
 from dnc_ray.llm.budget import BudgetedModel, Ledger, LocalLedger
 from dnc_ray.llm.chat_model import ChatModel
+from dnc_ray.llm.configs import OpenAIModel, ReferenceModel
 from dnc_ray.llm.engine import Completion
 from dnc_ray.llm.openai import OpenAIEngine
 from dnc_ray.method import STRATEGIES, run_row

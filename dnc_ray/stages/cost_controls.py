@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dnc_ray.config import BudgetReached, GenerateConfig, HFModel, OpenAIModel, VLLMModel
-from dnc_ray.infra.store import RunStore
+from dnc_ray.config import GenerateConfig
+from dnc_ray.infra.errors import BudgetReached
 from dnc_ray.llm import Engine, make_engine
 from dnc_ray.llm.budget import BudgetedModel, shared_ledger
 from dnc_ray.llm.chat_model import ChatModel
+from dnc_ray.llm.configs import HFModel, OpenAIModel, VLLMModel
 from dnc_ray.llm.rate_limit import Limiter, shared_limiter
 from dnc_ray.method import STRATEGIES
+from dnc_ray.stages.store import RunStore
 
 
 def run_spend(rows: list[dict]) -> float:

@@ -24,21 +24,13 @@ import pyarrow as pa
 import ray
 from ray.util.queue import Empty as SinkEmpty
 
-from dnc_ray.config import (
-    ConfigError,
-    GenerateConfig,
-    HFModel,
-    OpenAIModel,
-    ReferenceModel,
-    RowsFailed,
-    VLLMModel,
-    failed_rows_allowed,
-)
+from dnc_ray.config import GenerateConfig, failed_rows_allowed
 from dnc_ray.infra import console, storage
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.infra.errors import ConfigError, RowsFailed
 from dnc_ray.infra.lease import Lease
 from dnc_ray.infra.progress import Progress
-from dnc_ray.infra.store import DamagedRunRecord, RunStore
+from dnc_ray.llm.configs import HFModel, OpenAIModel, ReferenceModel, VLLMModel
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.vllm_settings import check_settings
 from dnc_ray.method import STRATEGIES, MethodOptions
@@ -48,6 +40,7 @@ from dnc_ray.stages.batch_rounds import run_rounds, uses_batch_api
 from dnc_ray.stages.method_stage import MethodStage, is_unfinished
 from dnc_ray.stages.reference import REFERENCE, reference_decompose
 from dnc_ray.stages.score import score_batch, score_rows
+from dnc_ray.stages.store import DamagedRunRecord, RunStore
 from dnc_ray.tasks import get_task, load_rows, scorer
 
 # What makes two configs the same run (resumable into one output); the rest are runtime knobs.
@@ -198,13 +191,13 @@ def run_generate(cfg: GenerateConfig) -> dict:
     parts = store.part_names()
     todo = rows_to_run(rows, store.read_rows())
     if todo and not uses_batch_api(cfg):  # a batch run is driven from here: no Ray
-        init_ray(cfg.ray)  # before anything is written: an unreachable cluster leaves the output as it was
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before anything is written: an unreachable cluster leaves the output as it was
     with lease:
         meta, warning = load_meta(store, cfg)  # again: what a driver before this one wrote last
         if store.part_names() != parts:
             todo = rows_to_run(rows, store.read_rows())
             if todo and not uses_batch_api(cfg):
-                init_ray(cfg.ray)
+                init_ray(cfg.ray.address, cfg.ray.num_cpus)
         if warning:
             console.say(f"[generate] warning: {warning} (copy kept as {store.keep_damaged_meta()})", err=True)
         console.say(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "

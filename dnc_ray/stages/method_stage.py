@@ -21,7 +21,7 @@ import copy
 
 import pyarrow as pa
 
-from dnc_ray.config import HFModel, OpenAIModel
+from dnc_ray.llm.configs import HFModel, OpenAIModel
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
 from dnc_ray.method.row import to_table
 from dnc_ray.stages.cost_controls import chat_models

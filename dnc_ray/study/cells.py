@@ -44,7 +44,7 @@ def fingerprint(value) -> str:
 
 def run_digest(uri: str) -> str:
     """A generation run's content: every row's text, prediction, correctness and error (not its timings)."""
-    from dnc_ray.infra.store import RunStore
+    from dnc_ray.stages.store import RunStore
 
     return fingerprint([{k: row[k] for k in RUN_CONTENT} for row in RunStore(uri).read_rows()])
 

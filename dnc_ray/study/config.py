@@ -8,22 +8,16 @@ from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from dnc_ray.config import (
     FailedRows,
-    HFModel,
-    HoldOut,
-    ModelConfig,
-    OpenAIModel,
     RayConfig,
-    ReferenceModel,
     StudentDecomposer,
     StudentTraining,
-    TaskConfig,
-    VLLMModel,
     VLLMStudentDecomposer,
     _Strict,
     engine_or_hf,
 )
+from dnc_ray.llm.configs import HFModel, ModelConfig, OpenAIModel, ReferenceModel, VLLMModel
 from dnc_ray.llm.models import SMOLLM2
-from dnc_ray.tasks import get_task
+from dnc_ray.tasks import HoldOut, TaskConfig, get_task
 
 SolverModel = Annotated[Union[OpenAIModel, HFModel, VLLMModel], Field(discriminator="engine")]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import io
 import json
 
-from dnc_ray.config import ReferenceModel
 from dnc_ray.infra import console, storage
+from dnc_ray.llm.configs import ReferenceModel
 from dnc_ray.study import paper
 from dnc_ray.study.cells import Built
 from dnc_ray.study.config import StudyConfig, StudySplit, StudyTask

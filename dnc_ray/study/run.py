@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
-from dnc_ray.config import RowsFailed, failed_rows_allowed
+from dnc_ray.config import failed_rows_allowed
 from dnc_ray.infra import console, storage
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.infra.errors import RowsFailed
 from dnc_ray.infra.lease import Lease
 from dnc_ray.stages.generate import check_api_keys, check_output
 from dnc_ray.study.cells import run_cells
@@ -52,7 +53,7 @@ def run_study(cfg: StudyConfig) -> dict:
 def _run_study(cfg: StudyConfig, out: str) -> dict:
     for name in REPORT_FILES:  # never leave an old report beside a study that did not finish
         storage.delete(storage.join(out, name))
-    init_ray(cfg.ray)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     plan = StudyPlan(cfg)
     cells = plan.cells()
     console.say(f"[study] {len(cells)} cells over {', '.join(t.key for t in cfg.tasks)} -> {out}/cells")

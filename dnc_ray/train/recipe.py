@@ -73,9 +73,10 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
-from dnc_ray.config import ConfigError, TrainConfig
+from dnc_ray.config import TrainConfig
 from dnc_ray.infra import console, storage
 from dnc_ray.infra.cluster import init_ray
+from dnc_ray.infra.errors import ConfigError
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.models import resolve_model
 from dnc_ray.method.prompts import parse_subquestions
@@ -563,7 +564,7 @@ def run_train(cfg: TrainConfig) -> dict:
         held_out = held_out_ids(ids, cfg.eval_fraction, cfg.seed)
         wanted = set(held_out)
         held_out_rows = sum(i in wanted for i in ids)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     dataset, counts = tokenized_dataset(cfg.train_set, cfg.model, cfg.max_length, cfg.seed, ids=held_out, keep=False)
     counts = {"rows": rows, **counts, "dropped": rows - held_out_rows - counts["used"]}
     console.say(f"[train] {cfg.train_set}: {rows} rows, {counts['used']} used, {counts['truncated']} truncated, "

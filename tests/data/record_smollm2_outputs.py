@@ -18,11 +18,11 @@ import datetime
 import json
 from pathlib import Path
 
-from dnc_ray.config import HFModel, TaskConfig
+from dnc_ray.llm.configs import HFModel
 from dnc_ray.llm.engine import SamplingParams
 from dnc_ray.llm.hf import HFEngine
 from dnc_ray.method import prompts
-from dnc_ray.tasks import load_rows
+from dnc_ray.tasks import TaskConfig, load_rows
 from dnc_ray.tasks.gsm8k import reference_subquestions
 
 OUTPUT = Path(__file__).with_name("smollm2_outputs.json")

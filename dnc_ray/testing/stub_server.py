@@ -12,9 +12,9 @@ Per-minute request and token limits (429 with Retry-After past them) and the fil
 (`batch_delay_s` until a batch completes, `fail_line` to fail lines of it): stub_batch_api.py.
 Run it standalone for dry runs and benchmarks:
 
-    python -m dnc_ray.llm.stub_server --port 8001 --latency-s 0.2
-    python -m dnc_ray.llm.stub_server --reply self-ask   # self-ask prompts answered by a script (self_ask_reply)
-    python -m dnc_ray.llm.stub_server --requests-per-minute 600 --rate-window-s 1 --batch-delay-s 5
+    python -m dnc_ray.testing.stub_server --port 8001 --latency-s 0.2
+    python -m dnc_ray.testing.stub_server --reply self-ask   # self-ask prompts answered by a script (self_ask_reply)
+    python -m dnc_ray.testing.stub_server --requests-per-minute 600 --rate-window-s 1 --batch-delay-s 5
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from dnc_ray.llm.stub_batch_api import BatchAPI, RateGate
 from dnc_ray.method.prompts import FOLLOW_UP_INSTRUCTION, SELF_ASK_INSTRUCTION
+from dnc_ray.testing.stub_batch_api import BatchAPI, RateGate
 
 GARBAGE = "garbage"
 GARBAGE_TEXT = "garbage-text"

@@ -13,8 +13,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dnc_ray.config import ConfigError
 from dnc_ray.infra import storage
+from dnc_ray.infra.errors import ConfigError
 from dnc_ray.method.row import ROW_SCHEMA, row_key, to_table
 
 COMPACT_ABOVE = 64  # parts an output may hold at the end of an attempt before they are merged into one

@@ -9,10 +9,10 @@ from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 from dnc_ray.config import (
     FailedRows,
     RayConfig,
+    Strict,
     StudentDecomposer,
     StudentTraining,
     VLLMStudentDecomposer,
-    _Strict,
     engine_or_hf,
 )
 from dnc_ray.llm.configs import HFModel, ModelConfig, OpenAIModel, ReferenceModel, VLLMModel
@@ -22,14 +22,14 @@ from dnc_ray.tasks import HoldOut, TaskConfig, get_task
 SolverModel = Annotated[Union[OpenAIModel, HFModel, VLLMModel], Field(discriminator="engine")]
 
 
-class StudyTeacher(_Strict):
+class StudyTeacher(Strict):
     """The teacher: its decomposer (any engine; `reference` on GSM8K test only) and its solver."""
 
     decomposer: ModelConfig
     solver: SolverModel
 
 
-class TeacherOverride(_Strict):
+class TeacherOverride(Strict):
     """A task's own teacher models (e.g. GSM8K's reference decomposer); unset halves are the study's."""
 
     decomposer: ModelConfig | None = None
@@ -56,7 +56,7 @@ def _student_engine(hf: type, vllm: type):
     return Annotated[Union[Annotated[hf, Tag("hf")], Annotated[vllm, Tag("vllm")]], Discriminator(engine_or_hf)]
 
 
-class StudyStudent(_Strict):
+class StudyStudent(Strict):
     """The base student: what every student is trained from, and how students decode as decomposer and solver."""
 
     model: str = Field(SMOLLM2, description="model reference of the base student")
@@ -68,7 +68,7 @@ class StudyStudent(_Strict):
         StudentDecoding(), description="a student as solver (engine hf, the default, or vllm)")
 
 
-class StudySplit(_Strict):
+class StudySplit(Strict):
     """Which questions of the task's file: a split, an optional fixed hash hold-out, then offset and limit."""
 
     split: str = "test"
@@ -77,7 +77,7 @@ class StudySplit(_Strict):
     limit: int | None = Field(None, gt=0)
 
 
-class StudyTask(_Strict):
+class StudyTask(Strict):
     """One task of the study: its training questions (the teacher run, distillation) and its test questions."""
 
     name: str = Field(description="a task of dnc_ray.tasks.TASKS, or records")
@@ -120,7 +120,7 @@ class StudyTask(_Strict):
         return self
 
 
-class StudyConfig(_Strict):
+class StudyConfig(Strict):
     """The paper's study: per task, the teacher run, the four training sets, four students, the Table 1 rows,
     the self-ask baseline; across tasks, the cross-domain evaluations; optional S_D-R rounds."""
 

@@ -11,7 +11,7 @@ import pytest
 from dnc_ray.config import GenerateConfig
 from dnc_ray.llm.configs import Price
 from dnc_ray.method.row import new_row, to_table
-from dnc_ray.stages.generate import run_identity  # imports ray; starts nothing
+from dnc_ray.stages.run_record import run_identity
 from dnc_ray.stages.store import RunStore
 
 pytestmark = pytest.mark.slow  # every test runs `dnc` in a subprocess (seconds of imports each)

@@ -346,7 +346,7 @@ def test_dump_holds_env_var_name_not_key(tmp_path, monkeypatch):
     # run.json's config round-trips into the same config (dnc evaluate relies on it)
     assert GenerateConfig.model_validate(json.loads(dumped)) == cfg
 
-    from dnc_ray.stages.generate import run_identity  # imports ray, starts nothing
+    from dnc_ray.stages.run_record import run_identity
 
     assert "sk-should-not-leak" not in json.dumps(run_identity(cfg))
 

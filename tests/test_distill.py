@@ -12,7 +12,7 @@ from dnc_ray.distill import build_training_set
 from dnc_ray.infra.errors import ConfigError
 from dnc_ray.method.prompts import DECOMPOSE_INSTRUCTION, SOLVE_INSTRUCTION
 from dnc_ray.method.row import new_row, to_table
-from dnc_ray.stages.generate import run_identity
+from dnc_ray.stages.run_record import run_identity
 from dnc_ray.stages.store import RunStore
 
 

@@ -113,7 +113,7 @@ def test_two_drivers_taking_a_free_lease_at_once_one_is_refused(tmp_path):
 
 from dnc_ray.config import GenerateConfig
 from dnc_ray.infra.errors import ConfigError
-from dnc_ray.stages.generate import load_meta, run_identity  # noqa: E402 (imports ray, starts nothing)
+from dnc_ray.stages.run_record import load_meta, run_identity
 
 
 def two_stage(out, **fields) -> GenerateConfig:

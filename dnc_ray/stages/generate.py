@@ -12,17 +12,11 @@ time: it holds the output's lease (infra/lease.py) while it runs.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import queue
-import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import pyarrow as pa
 import ray
-from ray.util.queue import Empty as SinkEmpty
 
 from dnc_ray.config import GenerateConfig, failed_rows_allowed
 from dnc_ray.infra import console, storage
@@ -37,32 +31,15 @@ from dnc_ray.method import STRATEGIES, MethodOptions
 from dnc_ray.method.row import new_row, row_key, to_table
 from dnc_ray.stages import cost_controls
 from dnc_ray.stages.batch_rounds import run_rounds, uses_batch_api
-from dnc_ray.stages.method_stage import MethodStage, is_unfinished
-from dnc_ray.stages.reference import REFERENCE, reference_decompose
-from dnc_ray.stages.score import score_batch, score_rows
-from dnc_ray.stages.store import DamagedRunRecord, RunStore
+from dnc_ray.stages.method_stage import MethodStage
+from dnc_ray.stages.reference import reference_decompose
+from dnc_ray.stages.row_writer import RowWriter
+from dnc_ray.stages.run_record import load_meta, now
+from dnc_ray.stages.score import score_batch
+from dnc_ray.stages.store import RunStore
 from dnc_ray.tasks import get_task, load_rows, scorer
 
-# What makes two configs the same run (resumable into one output); the rest are runtime knobs.
-_MODEL_IDENTITY = {"engine", "model", "base_url", "temperature", "max_tokens"}
 BATCHES_PER_ACTOR = 4  # batches a MethodStage actor runs at once: its models' calls stay busy across batches
-
-
-def run_identity(cfg: GenerateConfig) -> dict:
-    def model(m):
-        return None if m is None else m.model_dump(mode="json", include=_MODEL_IDENTITY)
-
-    return {
-        "task": cfg.task.model_dump(mode="json", exclude={"limit"}),
-        "strategy": cfg.strategy,
-        "num_samples": cfg.num_samples,
-        "max_subquestions": cfg.max_subquestions,
-        "max_turns": cfg.max_turns,
-        "decompositions": cfg.decompositions,
-        "decomposer": model(cfg.decomposer),
-        "solver": model(cfg.solver),
-        **({"structured_decompositions": True} if cfg.structured_decompositions else {}),  # absent: as before
-    }
 
 
 def input_rows(cfg: GenerateConfig) -> list[dict]:
@@ -203,7 +180,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         console.say(f"[generate] {cfg.strategy} on {cfg.task.name}/{cfg.task.split}: {len(rows)} rows, "
                     f"{len(rows) - len(todo)} done earlier, {len(todo)} to run -> {cfg.output}")
         meta["config"] = cfg.model_dump(mode="json")  # holds env var NAMES only, never keys
-        attempt = {"started": _now(), "finished": None, "rows": 0, "errors": 0, "elapsed_s": 0.0, "run_rows": len(rows)}
+        attempt = {"started": now(), "finished": None, "rows": 0, "errors": 0, "elapsed_s": 0.0, "run_rows": len(rows)}
         meta["attempts"].append(attempt)
         lease.check()
         store.write_meta(meta)
@@ -217,7 +194,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         merged = store.compact()  # rows written as they finished: many small parts
         if merged:
             console.say(f"[generate] merged {merged} parts of {cfg.output}/rows into one")
-        attempt.update(finished=_now(), rows=progress.done, errors=progress.errors,
+        attempt.update(finished=now(), rows=progress.done, errors=progress.errors,
                        elapsed_s=round(progress.elapsed_s, 3), **spend)
         lease.check()
         store.write_meta(meta)
@@ -239,66 +216,6 @@ def local_model_dtypes(cfg: GenerateConfig) -> dict[str, str]:
 @ray.remote(num_cpus=0)
 def _dtype_on_a_worker(requested: str, device: str) -> str:
     return resolve_dtype(requested, device, device_caps())
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def load_meta(store: RunStore, cfg: GenerateConfig) -> tuple[dict, str | None]:
-    """The output's run record (a new one when there is none) and, when it had to be rebuilt, a warning.
-
-    A run.json that is damaged (or missing beside rows) is rebuilt from `cfg` when the rows there
-    match it: their task, split, sample numbers and model names (what rows can tell; temperature,
-    max_tokens and base_url cannot be checked). Its attempts are replaced by one `recovered` entry
-    counting the rows found. Another run's record, or rows that do not match, are refused.
-    """
-    fresh = {"identity": run_identity(cfg), "attempts": []}
-    try:
-        meta = store.read_meta() if store.exists() else None
-    except DamagedRunRecord as e:
-        damage = str(e)
-    else:
-        if meta is None and not store.has_rows():
-            return fresh, None
-        if meta is not None:
-            if meta["identity"] != run_identity(cfg):
-                raise ConfigError(
-                    f"output {cfg.output} holds a different run (task, strategy or models differ): "
-                    "choose a new output, or delete that folder"
-                )
-            return meta, None
-        damage = f"{cfg.output}/run.json: missing, but rows/ holds rows"
-    stored = store.read_rows()
-    mismatch = _rows_mismatch(stored, cfg)
-    if mismatch:
-        raise ConfigError(f"{damage}; it cannot be rebuilt from this config: {mismatch}")
-    failed = sum(r["error"] is not None for r in stored)
-    fresh["attempts"].append({"recovered": _now(), "finished": None, "rows": len(stored), "errors": failed,
-                              "elapsed_s": 0.0, "run_rows": len(stored)})
-    warning = (f"{damage}; rebuilt from this config (identity and config) and the {len(stored)} rows in rows/ "
-               f"({failed} failed or unfinished, to be retried); the earlier attempts' history (times, counts) is lost")
-    return fresh, warning
-
-
-def _rows_mismatch(stored: list[dict], cfg: GenerateConfig) -> str | None:
-    """Why the stored rows cannot be this config's run, or None."""
-    roles = STRATEGIES[cfg.strategy].roles
-    names = {role: getattr(cfg, role) for role in ("decomposer", "solver")}
-    expected = {role: (REFERENCE if isinstance(m, ReferenceModel) else m.model) if m is not None else None
-                for role, m in names.items()}
-    for row in stored:
-        where = f"row {row['id']} sample {row['sample']}"
-        if row["task"] != get_task(cfg.task).name or row["split"] != cfg.task.split:
-            return f"{where} is of {row['task']}/{row['split']}, the config runs {cfg.task.name}/{cfg.task.split}"
-        if row["sample"] >= cfg.num_samples:
-            return f"{where}: the config samples {cfg.num_samples} per question"
-        for role in ("decomposer", "solver"):
-            if cfg.strategy == "solve" and role == "decomposer":
-                continue  # the decompositions come from another run
-            if row[role] is not None and (role not in roles or row[role] != expected[role]):
-                return f"{where} has {role} {row[role]}, the config {expected[role] if role in roles else 'none'}"
-    return None
 
 
 def _run(cfg: GenerateConfig, todo: list[dict], store: RunStore, lease: Lease, progress: Progress, meta: dict) -> dict:
@@ -326,110 +243,3 @@ def _run(cfg: GenerateConfig, todo: list[dict], store: RunStore, lease: Lease, p
             ray.kill(sink.actor)
         seen = cost_controls.stop(controls)
     return cost_controls.spend_summary(store, spent_before, seen)
-
-
-class RowWriter:
-    """Writes rows as Parquet parts from two sources, in the order their states were reached: the rows
-    the MethodStage actors send to `sink`, and the batches Ray Data hands over (their rows already
-    written from the sink are skipped: the sink had them first, their batch left the actor after).
-
-    With a sink, one writer thread does all the writing: it takes rows from the sink as they arrive
-    and writes them as one part every `every_s` (0.5 s), and before writing a batch handed over by
-    `batch_done` it writes whatever the sink holds. Without one, `batch_done` writes at once. A row
-    is counted as done (progress) once, when its last state is written; an unfinished row (a step
-    still to run) is written, not counted. At the end of an attempt the parts are merged
-    (RunStore.compact) when there are many.
-    """
-
-    _CLOSE = object()
-
-    def __init__(self, store: RunStore, lease: Lease, progress: Progress, scorer, sink, wait_s: float = 0.1,
-                 every_s: float = 0.5):
-        self.store, self.lease, self.progress, self.scorer, self.sink = store, lease, progress, scorer, sink
-        self._done: set[tuple[str, int]] = set()
-        self.error: BaseException | None = None
-        self._batches: queue.Queue = queue.Queue()
-        self._thread = None
-        if sink is not None:
-            self._thread = threading.Thread(target=self._write_loop, args=(wait_s, every_s), name="dnc-rows",
-                                            daemon=True)
-            self._thread.start()
-
-    def batch_done(self, batch: pa.Table) -> None:
-        self._raise_error()
-        if self._thread is None:
-            self._write_batch(batch)
-        else:
-            self._batches.put(batch)
-
-    def close(self) -> None:
-        """Write what is left (what the actors finished is written even when the pipeline failed)."""
-        if self._thread is not None:
-            self._batches.put(self._CLOSE)
-            self._thread.join()
-        self._raise_error()
-
-    def _write_loop(self, wait_s: float, every_s: float) -> None:
-        """Rows from the sink are written at most every `every_s` (one part each time: a crash loses at
-        most that much finished work, and a run does not become thousands of parts); before a batch,
-        whatever the sink holds is written first."""
-        pending: dict[tuple[str, int], dict] = {}  # each key's latest state sent, not yet written
-        written_at = 0.0
-        try:
-            while True:
-                try:
-                    batch = self._batches.get_nowait()
-                except queue.Empty:
-                    self._take(pending, wait_s)
-                    if pending and time.monotonic() - written_at >= every_s:
-                        self._write_sent(pending)
-                        written_at = time.monotonic()
-                    continue
-                self._take(pending, 0)  # everything the actors sent before this batch left them
-                if pending:
-                    self._write_sent(pending)
-                    written_at = time.monotonic()
-                if batch is self._CLOSE:
-                    return
-                self._write_batch(batch)
-        except BaseException as e:  # noqa: BLE001 - raised in the main thread by batch_done / close
-            self.error = e
-
-    def _write_batch(self, batch: pa.Table) -> None:
-        rows = [r for r in batch.to_pylist() if row_key(r) not in self._done]
-        if rows:
-            self._write(rows)
-
-    def _take(self, pending: dict, wait_s: float) -> None:
-        """Add what is in the sink to `pending`, waiting up to `wait_s` for something to arrive."""
-        sent = []
-        if wait_s:
-            try:
-                sent.append(self.sink.get(block=True, timeout=wait_s))
-            except SinkEmpty:
-                return
-        waiting = self.sink.qsize()
-        if waiting:
-            sent += self.sink.get_nowait_batch(waiting)
-        for rows in sent:
-            for row in rows:
-                pending.pop(row_key(row), None)  # a row sent again: its later state, in its later place
-                pending[row_key(row)] = row
-
-    def _write_sent(self, pending: dict) -> None:
-        rows = list(pending.values())
-        pending.clear()
-        if self.scorer is not None:
-            score_rows(rows, self.scorer)
-        self._write(rows)
-
-    def _write(self, rows: list[dict]) -> None:
-        self.lease.check()
-        self.store.write_rows(to_table(rows))
-        finished = [r for r in rows if not is_unfinished(r) and row_key(r) not in self._done]
-        self._done.update(row_key(r) for r in finished)
-        self.progress.update(len(finished), sum(r["error"] is not None for r in finished))
-
-    def _raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from dnc_ray.config import GenerateConfig, TrainConfig, failed_rows_allowed
 from dnc_ray.llm.configs import ReferenceModel
 from dnc_ray.method import STRATEGIES
-from dnc_ray.stages.generate import run_identity
+from dnc_ray.stages.run_record import run_identity
 from dnc_ray.study.cells import Built, Cell, Job
 from dnc_ray.study.config import StudyConfig, StudyTask
 

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of students on Ray Train + DeepSpeed: data.py (rows -> tokens), recipe.py (the run).
+"""Supervised fine-tuning of students on Ray Train + DeepSpeed: data.py (rows -> tokens), recipe.py (the run),
+trainer.py (the Trainer of a worker), callbacks.py (at each log, evaluation and save).
 
 Light on purpose: the CLI imports TrainSetError from here without loading torch.
 """

@@ -31,14 +31,11 @@ workers read their shards as one stream of epochs, so an accumulation may span t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
 import math
 import os
-import resource
-import shutil
 import tempfile
 
 import deepspeed
@@ -47,7 +44,6 @@ import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -58,19 +54,15 @@ from ray.train import (
 )
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from ray.train.torch import TorchTrainer
-from torch.utils.data import DataLoader, IterableDataset
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    Trainer,
-    TrainerCallback,
     TrainerState,
     TrainingArguments,
 )
-from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from dnc_ray.config import TrainConfig
@@ -79,10 +71,19 @@ from dnc_ray.infra.cluster import init_ray
 from dnc_ray.infra.errors import ConfigError
 from dnc_ray.llm.dtype import device_caps, resolve_dtype
 from dnc_ray.llm.models import resolve_model
-from dnc_ray.method.prompts import parse_subquestions
 from dnc_ray.train import TrainSetError
+from dnc_ray.train.callbacks import (
+    SCORE,
+    KeepBest,
+    LogFolder,
+    Progress,
+    ReportCheckpoint,
+    best_evaluation,
+    logging_callbacks,
+    step_metrics,
+    stopped_early,
+)
 from dnc_ray.train.data import (
-    IGNORE,
     check_train_set,
     collate_fn,
     eval_prompts,
@@ -91,9 +92,7 @@ from dnc_ray.train.data import (
     read_rows,
     tokenized_dataset,
 )
-
-EVAL_NEW_TOKENS = 128  # per greedy generation of the parse rate: a few sub-questions of a few dozen tokens
-SCORE = "checkpoint_score"  # what Ray Train ranks checkpoints by with keep_best
+from dnc_ray.train.trainer import Passes, StudentTrainer
 
 
 def deepspeed_config(cfg: TrainConfig, dtype: str) -> dict:
@@ -155,233 +154,6 @@ def training_args(cfg: TrainConfig, plan: dict, work_dir: str) -> TrainingArgume
         report_to="none",
         disable_tqdm=True,
     )
-
-
-class Passes(IterableDataset):
-    """A worker's shard of a Ray dataset read `passes` times in a row, as one stream of collated batches."""
-
-    def __init__(self, shard, passes: int, batch_size: int, collate):
-        super().__init__()
-        self.shard, self.passes, self.batch_size, self.collate = shard, passes, batch_size, collate
-
-    def __iter__(self):
-        for _ in range(self.passes):
-            yield from self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate)
-
-
-class StudentTrainer(Trainer):
-    """The Trainer reading Ray Data shards, counting padding, evaluating loss per target token and the parse rate."""
-
-    def __init__(self, *args, plan: dict, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.plan = plan
-        self.seen = torch.zeros(2, dtype=torch.float64)  # tokens in this session's batches on this worker, padding among them
-
-    def get_train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=None)  # the shard yields whole batches
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        return self.eval_dataset
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        self.seen += torch.tensor([ids.numel(), 0 if mask is None else ids.numel() - int(mask.sum())], dtype=torch.float64)
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Every log: the epoch in passes over the data; a training log also the padding share and peak memory."""
-        self.state.epoch = round(self.state.global_step * self.plan["accumulation"] / self.plan["batches_per_pass"], 4)
-        if "loss" in logs:
-            logs["dtype"] = self.plan["dtype"]  # kept in the checkpoints' log history: a resumed run shows both
-            tokens, padding = all_reduce(self.seen.clone(), self.args.device).tolist()  # every rank logs at this step
-            logs["padding_share"] = round(padding / tokens, 4) if tokens else 0.0
-            logs["peak_memory_gib"] = peak_memory_gib()  # this worker's: rank 0's is the one kept
-        super().log(logs, start_time)
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval") -> EvalLoopOutput:
-        """Loss per target token over every worker's eval shard, and (decomposer sets) the parse rate."""
-        model = self.model_wrapped  # the DeepSpeed engine: a ZeRO-3 forward needs it
-        model.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # summed loss, target tokens, rows
-        with torch.no_grad():
-            for batch in dataloader:
-                batch = self._prepare_inputs(batch)
-                targets = int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss is their mean
-                rows = batch["attention_mask"].shape[0] if "attention_mask" in batch else int((batch["position_ids"] == 0).sum())
-                totals += torch.tensor([model(**batch).loss.item() * targets, targets, rows], dtype=torch.float64)
-        loss, targets, rows = all_reduce(totals, self.args.device).tolist()
-        metrics = {f"{metric_key_prefix}_loss": round(loss / targets, 6), f"{metric_key_prefix}_tokens": int(targets)}
-        if self.plan["prompts"]:
-            metrics[f"{metric_key_prefix}_parse_rate"] = self.parse_rate()
-        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(rows))
-
-    def parse_rate(self) -> float:
-        """Share of greedy replies to the eval prompts that parse into 1..max sub-questions.
-
-        Every worker generates the same prompts (under ZeRO-3 each forward needs all of them; the
-        generation synchronises them); rank 0's share is the one every worker returns.
-        """
-        tokenizer, prompts = self.processing_class, self.plan["prompts"]
-        texts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in prompts]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        inputs = inputs.to(self.args.device)
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=EVAL_NEW_TOKENS, do_sample=False, use_cache=True,
-                                      pad_token_id=tokenizer.pad_token_id)
-        replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        parsed = sum(1 <= len(parse_subquestions(r)) <= p["max_subquestions"] for r, p in zip(replies, prompts, strict=True))
-        share = torch.tensor([parsed / len(prompts)], dtype=torch.float64, device=self.args.device)
-        if dist.is_initialized():
-            dist.broadcast(share, src=0)
-        return round(share.item(), 4)
-
-
-def all_reduce(values: torch.Tensor, device) -> torch.Tensor:
-    """The sum over every worker (gloo on CPU, NCCL on GPU)."""
-    if not dist.is_initialized():
-        return values
-    values = values.to(device)
-    dist.all_reduce(values)
-    return values.cpu()
-
-
-def best_evaluation(log_history: list[dict], key: str, greater: bool) -> tuple[int | None, float | None, int]:
-    """(step, value) of the best evaluation by `key` (the first of equals), and the evaluations after it."""
-    evals = [(entry["step"], entry[key]) for entry in log_history if key in entry]
-    best = None
-    for i, (step, value) in enumerate(evals):
-        if best is None or (value > best[1] if greater else value < best[1]):
-            best = (step, value, i)
-    if best is None:
-        return None, None, 0
-    return best[0], best[1], len(evals) - 1 - best[2]
-
-
-def stopped_early(cfg: TrainConfig, log_history: list[dict]) -> bool:
-    if not cfg.patience:
-        return False
-    return best_evaluation(log_history, cfg.best_metric, cfg.keep_best == "parse_rate")[2] >= cfg.patience
-
-
-class KeepBest(TrainerCallback):
-    """keep_best: a checkpoint at each new best evaluation; with patience, the stop after that many without one."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        best_step, _, _ = best_evaluation(state.log_history, self.cfg.best_metric, self.cfg.keep_best == "parse_rate")
-        if best_step == state.global_step:
-            control.should_save = True
-        if stopped_early(self.cfg, state.log_history):
-            control.should_training_stop = True
-            control.should_save = True  # the last model, for export: last
-
-
-class ReportCheckpoint(RayTrainReportCallback):
-    """Reports each checkpoint to Ray Train with this step's metrics; with keep_best, its score for the ranking
-    (a checkpoint of a step without an evaluation gets the worst score: kept only while it is the latest)."""
-
-    def __init__(self, cfg: TrainConfig):
-        super().__init__()
-        self.key, self.worst = cfg.best_metric, -math.inf if cfg.keep_best == "parse_rate" else math.inf
-
-    def on_save(self, args, state, control, **kwargs):
-        metrics = {"step": state.global_step}
-        for entry in state.log_history:
-            if entry.get("step") == state.global_step:
-                metrics |= entry
-        if self.key:
-            metrics[SCORE] = metrics.get(self.key, self.worst)
-        with tempfile.TemporaryDirectory() as folder:
-            shutil.copytree(get_last_checkpoint(args.output_dir), os.path.join(folder, self.CHECKPOINT_NAME))
-            ray.train.report(metrics=metrics, checkpoint=Checkpoint.from_directory(folder))
-
-
-class Progress(TrainerCallback):
-    """Every N steps a progress line (rank 0) and a metrics report to Ray Train; rank 0 keeps metrics.jsonl."""
-
-    def __init__(self, cfg: TrainConfig, logs: "LogFolder | None" = None):
-        self.every = cfg.log_every_steps
-        self.metrics = storage.join(cfg.output, "metrics.jsonl")
-        self.logs = logs
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        step = state.global_step
-        if "eval_loss" in logs and state.is_world_process_zero:
-            parse = f"  parse rate {logs['eval_parse_rate']:.2f}" if "eval_parse_rate" in logs else ""
-            console.say(f"[train] eval at step {step}: loss {logs['eval_loss']:.4f}{parse}")
-        if "loss" not in logs or (step % self.every and step != state.max_steps):
-            return
-        ray.train.report({**logs, "step": step})  # every rank: a report is a barrier
-        if state.is_world_process_zero:
-            eta = logs["train_runtime"] / step * (state.max_steps - step)  # steps run so far at their mean pace
-            console.say(
-                f"[train] step {step}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs['learning_rate']:.2e}  "
-                f"{logs['train_tokens_per_second']:.0f} tok/s  elapsed {logs['train_runtime']:.0f}s  eta {eta:.0f}s"
-            )
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            storage.write_text(self.metrics, "".join(json.dumps(s) + "\n" for s in step_metrics(state.log_history)))
-            if self.logs:
-                self.logs.sync()
-
-    on_train_end = on_save
-
-
-def step_metrics(log_history: list[dict]) -> list[dict]:
-    """One entry per step: its training log merged with its evaluation, if any."""
-    steps: dict[int, dict] = {}
-    for entry in log_history:
-        if "loss" in entry or "eval_loss" in entry:
-            steps.setdefault(entry["step"], {}).update(entry)
-    return [steps[step] for step in sorted(steps)]
-
-
-class LogFolder:
-    """Where rank 0's TensorBoard and W&B files go: the output itself when local, else a local folder
-    copied to the output at every checkpoint and at the end."""
-
-    def __init__(self, output: str):
-        fs, path = storage.filesystem(output)
-        self.output = output
-        self.local = path if isinstance(fs, pafs.LocalFileSystem) else tempfile.mkdtemp(prefix="dnc-train-logs-")
-        self.remote = not isinstance(fs, pafs.LocalFileSystem)
-        os.makedirs(self.local, exist_ok=True)
-
-    def sync(self) -> None:
-        if self.remote:
-            for name in os.listdir(self.local):
-                storage.copy_folder(os.path.join(self.local, name), storage.join(self.output, name))
-
-
-def logging_callbacks(cfg: TrainConfig, logs: LogFolder) -> list[TrainerCallback]:
-    """Rank 0's TensorBoard writer and W&B run (started here with the config, finished after training)."""
-    callbacks = []
-    if cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=os.path.join(logs.local, "tensorboard"))))
-    if cfg.wandb:
-        import wandb
-
-        w = cfg.wandb
-        wandb.init(
-            project=w.project, entity=w.entity, name=w.name or os.path.basename(cfg.output.rstrip("/")),
-            mode=w.mode, tags=w.tags, dir=logs.local, config=cfg.model_dump(mode="json"),
-            id=hashlib.sha1(cfg.output.encode()).hexdigest()[:16], resume="allow",  # a restarted run continues it
-        )
-        callbacks.append(WandbCallback())
-    return callbacks
-
-
-def peak_memory_gib() -> float:
-    """This worker's peak so far: GPU memory allocated by torch, or the process's resident memory on CPU."""
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is in KiB
 
 
 def train_loop_per_worker(config: dict) -> dict | None:

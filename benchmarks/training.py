@@ -28,9 +28,11 @@ from dnc_ray.stages.generate import run_generate
 from dnc_ray.train.recipe import run_train
 
 SIZES = {
-    "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(3, 2)],
-             "switches": {"zero_stage": 3, "workers": 2, "per_worker_batch_size": 2},
-             "dtypes": {"zero_stage": 3, "workers": 2, "per_worker_batch_size": 2, "steps": 3}},
+    # The smoke size: every code path once, on the cheapest run (one worker, ZeRO-0: a Ray Train run's start-up is
+    # most of its time here; 2-worker ZeRO-3 runs are the training tests' and the full size's).
+    "tiny": {"model": "tiny-random-smollm2", "rows": 16, "steps": 3, "runs": [(0, 1)],
+             "switches": {"zero_stage": 0, "workers": 1, "per_worker_batch_size": 2},
+             "dtypes": {"zero_stage": 0, "workers": 1, "per_worker_batch_size": 2, "steps": 3}},
     # Full size cut to about 20 minutes on 2 shared cores (was 6 steps, switches at 8 rows per micro-batch): 4 steps,
     # switches at 4 rows per micro-batch; the dtype runs take 12 steps (48 of the 64 rows) for a loss curve.
     "full": {"model": "smollm2-135m-instruct", "rows": 64, "steps": 4,

@@ -66,10 +66,10 @@ def check_serving(result: dict) -> None:
 
 
 def check_training(result: dict) -> None:
-    [run] = result["runs"]  # the tiny size: ZeRO-3 on 2 workers
-    assert (run["zero_stage"], run["workers"]) == (3, 2)
+    [run] = result["runs"]  # the tiny size: ZeRO-0 on 1 worker
+    assert (run["zero_stage"], run["workers"]) == (0, 1)
     assert run["tokens_per_s"] > 0 and run["peak_memory_gib"] > 0.1
-    assert result["tokens_per_s"] == {"zero3_2w": run["tokens_per_s"]} and result["speedup_2w_vs_1w"] == {}
+    assert result["tokens_per_s"] == {"zero0_1w": run["tokens_per_s"]} and result["speedup_2w_vs_1w"] == {}
     # the switches, each against the baseline run (the same settings, both off)
     switched = result["switch_runs"]
     assert list(switched) == ["baseline", "packing", "gradient_checkpointing"]

@@ -6,7 +6,9 @@
 2. Graph overhead: the same load through the graph against running the method's two_stage in the load
    generator over the two engines directly (what the ingress does, without the graph), both stages on an
    OpenAI-compatible stand-in with a fixed latency, so the difference is the graph's own cost (HTTP
-   proxy, ingress, handles).
+   proxy, ingress, handles). And against bare Ray Serve (its own application): a FastAPI ingress that makes two
+   handle calls per request to deployments with no model (one per stage) that sleep the stand-in's latency, through
+   the same proxy and load, so the difference is what the method and its engines add to Serve's own plumbing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiohttp
+from fastapi import FastAPI
 from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import LoggingConfig
 
 from benchmarks.common import free_port, start_stub
@@ -136,10 +141,53 @@ def upstream_model(base_url: str) -> OpenAIModel:
                        max_in_flight=64, max_tokens=64, max_retries=0)
 
 
+QUIET = LoggingConfig(enable_access_log=False, log_level="WARNING")  # no log line per request
+BARE_APP, BARE_PREFIX = "bare", "/bare"
+bare_api = FastAPI()
+
+
+@serve.deployment
+class Sleeper:
+    """A model deployment with no model: the stand-in's latency, then a fixed answer."""
+
+    def __init__(self, latency_s: float):
+        self.latency_s = latency_s
+
+    async def complete(self, prompt: str) -> str:
+        await asyncio.sleep(self.latency_s)
+        return "The answer is: 42"
+
+
+@serve.deployment
+@serve.ingress(bare_api)
+class BareIngress:
+    """Bare Ray Serve's two_stage: a decompose call, then a solve call, by handle; no prompt, no parsing."""
+
+    def __init__(self, decomposer: DeploymentHandle, solver: DeploymentHandle):
+        self.decomposer, self.solver = decomposer, solver
+
+    @bare_api.post("/v1/solve")
+    async def solve(self, body: dict) -> dict:
+        decomposition = await self.decomposer.complete.remote(body["question"])
+        return {"answer": await self.solver.complete.remote(decomposition)}
+
+
 def deploy(app: ServeAppConfig, port: int) -> str:
-    quiet = LoggingConfig(enable_access_log=False, log_level="WARNING")  # no log line per request
-    serve.run(build_app(app), name="bench", route_prefix="/", logging_config=quiet)
+    serve.run(build_app(app), name="bench", route_prefix="/", logging_config=QUIET)
     return f"http://127.0.0.1:{port}/v1/solve"
+
+
+def deploy_bare(app: ServeAppConfig, latency_s: float, port: int) -> str:
+    """Bare Serve as its own application, with the graph's replica settings (CPUs, requests held at once)."""
+    def sleeper(name: str) -> Application:
+        served = app.decomposer
+        return Sleeper.options(name=name, ray_actor_options={"num_cpus": served.num_cpus},
+                               max_ongoing_requests=served.max_ongoing_requests).bind(latency_s)
+    ingress = BareIngress.options(ray_actor_options={"num_cpus": app.ingress.num_cpus},
+                                  max_ongoing_requests=app.ingress.max_ongoing_requests)
+    serve.run(ingress.bind(sleeper("BareDecomposer"), sleeper("BareSolver")), name=BARE_APP,
+              route_prefix=BARE_PREFIX, logging_config=QUIET)
+    return f"http://127.0.0.1:{port}{BARE_PREFIX}/v1/solve"
 
 
 async def load_curves(p: dict, questions: list[str], port: int) -> dict:
@@ -165,22 +213,31 @@ async def graph_overhead(p: dict, questions: list[str], port: int) -> dict:
     try:
         served = {"model": upstream_model(base_url).model_dump(), "num_cpus": 0.25}
         app = ServeAppConfig(decomposer=served, solver=served)
-        url = deploy(app, port)
+        url, bare_url = deploy(app, port), deploy_bare(app, p["upstream_latency_s"], port)
         direct = direct_sender(app)
         overhead = {}
         async with http_session(120) as http:
-            graph = http_sender(http, url)
-            await graph(questions[0])
-            await direct(questions[0])
+            graph, bare = http_sender(http, url), http_sender(http, bare_url)
+            for send in (graph, direct, bare):
+                await send(questions[0])
             for clients in p["overhead_concurrency"]:
-                measured = {"direct_engines": await closed_loop(direct, questions, clients, p["overhead_seconds"]),
-                            "served_graph": await closed_loop(graph, questions, clients, p["overhead_seconds"])}
-                d, g = measured["direct_engines"]["p50_s"], measured["served_graph"]["p50_s"]
-                overhead[clients] = {**measured, "added_p50_s": round(g - d, 3), "added_p50_share": round((g - d) / d, 3)}
-                print(f"[bench] serving overhead c={clients}: +{overhead[clients]['added_p50_share']:.1%} at p50", flush=True)
+                measured = {path: await closed_loop(send, questions, clients, p["overhead_seconds"])
+                            for path, send in (("direct_engines", direct), ("served_graph", graph), ("bare_serve", bare))}
+                overhead[clients] = measured | added_cost(measured)
+                print(f"[bench] serving overhead c={clients}: +{overhead[clients]['added_p50_share']:.1%} at p50, "
+                      f"{overhead[clients]['graph_p50_vs_bare_serve']}x bare Serve's p50", flush=True)
         return overhead
     finally:
+        serve.delete(BARE_APP)
         server.kill()
+
+
+def added_cost(measured: dict) -> dict:
+    """The graph against the engines called directly (seconds and share added at p50) and against bare Serve (ratios)."""
+    d, g, b = (measured[path] for path in ("direct_engines", "served_graph", "bare_serve"))
+    return {"added_p50_s": round(g["p50_s"] - d["p50_s"], 3), "added_p50_share": round((g["p50_s"] - d["p50_s"]) / d["p50_s"], 3),
+            "graph_p50_vs_bare_serve": round(g["p50_s"] / b["p50_s"], 2),
+            "graph_rps_vs_bare_serve": round(g["requests_per_s"] / b["requests_per_s"], 2)}
 
 
 def run(size: str) -> dict:
@@ -208,8 +265,8 @@ def render(result: dict, folder: Path) -> str:
     load = [{"@serve.batch": mode, "clients": clients, **point} for mode, curve in result["load"].items()
             for clients, point in curve.items() if mode in BATCHING]
     streamed = [{"clients": clients, **point} for clients, point in result["load"].get("batch_on_streamed", {}).items()]
-    overhead = [{"clients": clients, "path": path, **o[path]} | {"added p50": f"{o['added_p50_s']} s ({o['added_p50_share']:.1%})"}
-                for clients, o in result["overhead"].items() for path in ("direct_engines", "served_graph")]
+    overhead = [{"clients": clients, "path": path, **o[path]} | (graph_columns(o) if path == "served_graph" else {})
+                for clients, o in result["overhead"].items() for path in ("direct_engines", "served_graph", "bare_serve")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
     for mode, curve in result["load"].items():
         clients = [int(c) for c in curve]
@@ -233,5 +290,17 @@ def render(result: dict, folder: Path) -> str:
         "The first token comes once the decomposition is done and the solver's first token is out; the "
         "solver's batch is shared with the other clients' streams.",
         f"### The composed graph's overhead (both stages on a stand-in API with {params['upstream_latency_s']} s latency)",
-        table(overhead, ["clients", "path", *columns, "added p50"]),
+        table(overhead, ["clients", "path", *columns, "added p50", "vs bare Serve"]),
+        "Against the engines called directly (the method in the load generator), the graph adds its HTTP proxy, "
+        "ingress and handles. Against bare Ray Serve (a FastAPI ingress making two handle calls per request to "
+        "deployments with no model that sleep the stand-in's latency, the graph's replica settings, the same proxy), "
+        "it also adds the method and the engines' HTTP calls to the stand-in: the graph's p50 is "
+        + ", ".join(f"{o['graph_p50_vs_bare_serve']}x bare Serve's at {clients} clients "
+                    f"({o['graph_rps_vs_bare_serve']}x its requests/s)" for clients, o in result["overhead"].items()) + ".",
     ])
+
+
+def graph_columns(o: dict) -> dict:
+    """The served graph's row: what it adds to the engines called directly, and its ratios to bare Serve."""
+    return {"added p50": f"{o['added_p50_s']} s ({o['added_p50_share']:.1%})",
+            "vs bare Serve": f"p50 {o['graph_p50_vs_bare_serve']}x, requests/s {o['graph_rps_vs_bare_serve']}x"}

@@ -1,9 +1,11 @@
-"""Teacher generation over HTTP: Ray Data runs of two_stage and self_ask against a sequential loop and the ideal.
+"""Teacher generation over HTTP: Ray Data runs of two_stage and self_ask against a sequential loop, a plain
+asyncio client and the ideal.
 
 A local OpenAI-compatible server with a fixed per-request latency and ample capacity stands in
 for a hosted API (dnc_ray.testing.stub_server in its own process, its self-ask script on: every self_ask
 row asks SELF_ASK_FOLLOW_UPS follow-ups). Every runtime here runs the method (`dnc_ray.method`): the
-benchmark builds no prompt and reads no answer. Every figure is measured in one run, on one server.
+benchmark builds no prompt and reads no answer, but for the plain client (what a user could write instead of
+`dnc generate`), which sends the method's prompts itself. Every figure is measured in one run, on one server.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import openai
 import psutil
 
 from benchmarks.common import start_stub
@@ -23,6 +26,7 @@ from dnc_ray.llm.chat_model import ChatModel
 from dnc_ray.llm.configs import OpenAIModel
 from dnc_ray.llm.openai import OpenAIEngine
 from dnc_ray.method import STRATEGIES, MethodOptions, run_row
+from dnc_ray.method.prompts import decompose_messages, parse_subquestions, solve_messages
 from dnc_ray.method.row import new_row
 from dnc_ray.stages.generate import run_generate
 from dnc_ray.stages.store import RunStore
@@ -39,11 +43,12 @@ SIZES = {"tiny": {"rows": 96, "short_rows": 16, "self_ask_rows": 40, "self_ask_s
                   "sequential_rows": 4, "in_flight": 16},
          "full": {"rows": 4096, "short_rows": 512, "self_ask_rows": 1640, "self_ask_short_rows": 205,
                   "sequential_rows": 25, "in_flight": 64}}
+MAX_TOKENS = 128
 
 
 def teacher(base_url: str, max_in_flight: int) -> dict:
     return {"engine": "openai", "model": "stub-teacher", "base_url": base_url, "api_key_env": None,
-            "max_in_flight": max_in_flight, "batch_size": 4 * max_in_flight, "max_tokens": 128}
+            "max_in_flight": max_in_flight, "batch_size": 4 * max_in_flight, "max_tokens": MAX_TOKENS}
 
 
 def calls(row: dict) -> int:
@@ -72,6 +77,41 @@ def sequential_requests_per_s(base_url: str, rows: list[dict]) -> float:
         return requests / elapsed
 
     return asyncio.run(row_after_row())
+
+
+def plain_client_run(base_url: str, rows: list[dict], in_flight: int, warm_up_rows: int) -> dict:
+    """What a user could write instead of `dnc generate`: asyncio and one `openai.AsyncOpenAI`, per row a
+    decompose request (the method's prompt), then a solve request with the sub-questions it parsed, the model and
+    max_tokens of the Ray runs. One `asyncio.Semaphore(in_flight)` over requests holds `in_flight` requests in
+    flight in all, as the Ray runs do (theirs split over decomposer and solver). The stand-in answers in fixed
+    time whatever the prompt. Its seconds and requests over `rows`, after an untimed run of `warm_up_rows`."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
+    slots = asyncio.Semaphore(in_flight)
+    sent = 0
+
+    async def complete(messages: list[dict]) -> str:
+        nonlocal sent
+        async with slots:
+            reply = await client.chat.completions.create(model="stub-teacher", messages=messages,
+                                                         max_tokens=MAX_TOKENS, temperature=0.0)
+        sent += 1
+        return reply.choices[0].message.content or ""
+
+    async def two_stage(row: dict) -> None:
+        rules = TASKS["gsm8k"].rules
+        decomposition = await complete(decompose_messages(row["question"], row["context"], rules.max_subquestions))
+        await complete(solve_messages(row["question"], row["context"], parse_subquestions(decomposition)))
+
+    async def timed() -> dict:
+        nonlocal sent
+        await asyncio.gather(*(two_stage(row) for row in rows[:warm_up_rows]))
+        sent, started = 0, time.perf_counter()
+        await asyncio.gather(*(two_stage(row) for row in rows))  # a failed request raises: not a measurement
+        seconds = time.perf_counter() - started
+        await client.close()
+        return {"seconds": seconds, "requests": sent}
+
+    return asyncio.run(timed())
 
 
 def ray_run(base_url: str, strategy: str, n_rows: int, in_flight_per_model: int) -> dict:
@@ -108,6 +148,8 @@ def run(size: str) -> dict:
     try:
         rows = load_rows(TaskConfig(name="gsm8k", split="train", limit=p["sequential_rows"]))
         sequential = sequential_requests_per_s(base_url, rows)
+        plain = plain_client_run(base_url, load_rows(TaskConfig(name="gsm8k", split="train", limit=p["rows"])),
+                                 p["in_flight"], p["short_rows"])
         # Untimed: the first Ray Data run of the process also starts Ray's worker processes (seconds of
         # cold start that would land on whichever run came first).
         warm_up = ray_run(base_url, "two_stage", p["short_rows"], per_model)
@@ -119,6 +161,7 @@ def run(size: str) -> dict:
     finally:
         server.kill()
     end_to_end, steady = long["requests"] / long["seconds"], steady_rate(short, long)
+    plain_rate = plain["requests"] / plain["seconds"]
     sa_end_to_end, sa_steady = sa_long["requests"] / sa_long["seconds"], steady_rate(sa_short, sa_long)
     ideal = p["in_flight"] / LATENCY_S  # every request slot busy all the time
     # self_ask sends follow_ups + 1 requests to the decomposer and follow_ups to the solver, each model
@@ -129,17 +172,22 @@ def run(size: str) -> dict:
         "params": {"latency_s": LATENCY_S, **p, "requests_per_row": REQUESTS_PER_ROW["two_stage"],
                    "self_ask_follow_ups": SELF_ASK_FOLLOW_UPS, "self_ask_requests_per_row": REQUESTS_PER_ROW["self_ask"],
                    "method_actors": 1, "in_flight_per_model": per_model},
-        "requests_per_s": {"sequential_openai_loop": sequential, "ray_data_two_stage": end_to_end,
+        "requests_per_s": {"sequential_openai_loop": sequential, "plain_async_client": plain_rate,
+                           "ray_data_two_stage": end_to_end,
                            "ray_data_two_stage_steady": steady, "ray_data_self_ask": sa_end_to_end,
                            "ray_data_self_ask_steady": sa_steady, "ideal": ideal},
-        "seconds": {"warm_up_run": warm_up["seconds"], "short_run": short["seconds"], "run": long["seconds"],
+        "seconds": {"plain_async_client": plain["seconds"], "warm_up_run": warm_up["seconds"],
+                    "short_run": short["seconds"], "run": long["seconds"],
                     "self_ask_short_run": sa_short["seconds"], "self_ask_run": sa_long["seconds"]},
-        "requests": {"short_run": short["requests"], "run": long["requests"],
+        "requests": {"plain_async_client": plain["requests"], "short_run": short["requests"], "run": long["requests"],
                      "self_ask_short_run": sa_short["requests"], "self_ask_run": sa_long["requests"]},
         "speedup_vs_sequential": round(end_to_end / sequential, 1),
         "share_of_ideal": share(end_to_end, ideal),
         "steady_speedup_vs_sequential": steady and round(steady / sequential, 1),
         "steady_share_of_ideal": share(steady, ideal),
+        "plain_client_share_of_ideal": share(plain_rate, ideal),
+        "two_stage_vs_plain_client": round(end_to_end / plain_rate, 3),
+        "steady_two_stage_vs_plain_client": steady and round(steady / plain_rate, 3),
         "self_ask_share_of_ideal": share(sa_end_to_end, ideal),
         "self_ask_steady_share_of_ideal": share(sa_steady, ideal),
         "self_ask_bound_share_of_ideal": round(sa_bound, 3),
@@ -153,7 +201,8 @@ def run(size: str) -> dict:
 def render(result: dict, folder: Path) -> str:
     p = result["params"]
     rates = {name: rate for name, rate in result["requests_per_s"].items() if rate is not None}
-    per_row = {"sequential_openai_loop": p["requests_per_row"], "ray_data_two_stage": p["requests_per_row"],
+    per_row = {"sequential_openai_loop": p["requests_per_row"], "plain_async_client": p["requests_per_row"],
+               "ray_data_two_stage": p["requests_per_row"],
                "ray_data_two_stage_steady": p["requests_per_row"], "ray_data_self_ask": p["self_ask_requests_per_row"],
                "ray_data_self_ask_steady": p["self_ask_requests_per_row"]}
     ideal = result["requests_per_s"]["ideal"]
@@ -174,6 +223,10 @@ def render(result: dict, folder: Path) -> str:
         f"{result['share_of_ideal']:.1%} of the ideal ({p['in_flight']} requests in flight / {p['latency_s']} s); "
         f"steady (the {p['rows']}-row run less the {p['short_rows']}-row one, over the time difference: a few % of "
         f"noise either way), {steady('steady_speedup_vs_sequential', 'steady_share_of_ideal')}.",
+        f"Against the **plain asyncio client** (one `openai.AsyncOpenAI`, the method's prompts, per row a decompose "
+        f"request then a solve request, {p['in_flight']} requests in flight under one semaphore, the same "
+        f"{p['rows']} rows; {result['plain_client_share_of_ideal']:.1%} of the ideal): two_stage end to end "
+        f"{result['two_stage_vs_plain_client']}x its requests/s, steady {_ratio(result['steady_two_stage_vs_plain_client'])}.",
         f"**self_ask** ({p['self_ask_follow_ups']} follow-ups: {p['self_ask_requests_per_row']} requests per row, "
         f"{p['self_ask_follow_ups'] + 1} to the decomposer and {p['self_ask_follow_ups']} to the solver, each row's "
         f"requests one after another) end to end {result['self_ask_share_of_ideal']:.1%} of the same ideal; steady "
@@ -188,6 +241,10 @@ def render(result: dict, folder: Path) -> str:
         f"self_ask {result['self_ask_errors']}.",
         bar_plot(folder, "teacher_http", {_label(name): rate for name, rate in rates.items()}, "requests / s"),
     ])
+
+
+def _ratio(ratio: float | None) -> str:
+    return "not measurable at this size" if ratio is None else f"{ratio}x"
 
 
 def _label(name: str) -> str:

@@ -23,7 +23,8 @@ ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own loc
 
 def check_teacher_http(result: dict) -> None:
     """Requests counted from the rows' usage against the stand-in's script; rates within what the stand-in's
-    latency allows (one request in flight: at most 1/latency; `in_flight` of them: at most in_flight/latency)."""
+    latency allows (one request in flight: at most 1/latency; `in_flight` of them: at most in_flight/latency);
+    the plain client's requests, rate and ratios consistent with each other."""
     rates, p, requests = result["requests_per_s"], result["params"], result["requests"]
     assert result["errors"] == 0 and result["self_ask_errors"] == 0
     assert (requests["short_run"], requests["run"]) == (2 * p["short_rows"], 2 * p["rows"])  # decompose + solve
@@ -34,6 +35,12 @@ def check_teacher_http(result: dict) -> None:
     assert 0 < rates["sequential_openai_loop"] <= 1.02 / p["latency_s"]
     assert rates["sequential_openai_loop"] < rates["ray_data_two_stage"] <= bound  # concurrency pays even at this size
     assert 0 < rates["ray_data_self_ask"] <= bound
+    plain, steady = rates["plain_async_client"], rates["ray_data_two_stage_steady"]
+    assert requests["plain_async_client"] == 2 * p["rows"] and result["seconds"]["plain_async_client"] > 0
+    assert plain == requests["plain_async_client"] / result["seconds"]["plain_async_client"] and 0 < plain <= bound
+    assert result["plain_client_share_of_ideal"] == round(plain / rates["ideal"], 3)
+    assert result["two_stage_vs_plain_client"] == round(rates["ray_data_two_stage"] / plain, 3)
+    assert result["steady_two_stage_vs_plain_client"] == (None if steady is None else round(steady / plain, 3))
     assert 0 < result["cpu_busy_share_during_run"] <= 1 and 0 < result["cpu_busy_share_during_self_ask_run"] <= 1
 
 
@@ -58,11 +65,16 @@ def check_serving(result: dict) -> None:
     for point in streamed.values():  # the first token comes before the end of the answer
         assert point["requests"] > 0 and 0 < point["ttft_p50_s"] <= point["ttft_p99_s"]
         assert point["ttft_p50_s"] <= point["p99_s"]
+    assert list(result["overhead"]) == ["1", "4"]
     for o in result["overhead"].values():
-        direct, graph = o["direct_engines"], o["served_graph"]
-        assert direct["requests"] > 0 and graph["requests"] > 0
-        # every request waits for two upstream calls of the stand-in's latency, through either path
-        assert min(direct["p50_s"], graph["p50_s"]) >= 2 * result["params"]["upstream_latency_s"]
+        paths = direct, graph, bare = o["direct_engines"], o["served_graph"], o["bare_serve"]
+        assert all(path["requests"] > 0 and path["requests_per_s"] > 0 for path in paths)
+        assert bare["p50_s"] <= bare["p95_s"] <= bare["p99_s"]
+        # every request waits for two upstream calls of the stand-in's latency (bare Serve: two sleeps of it), by every path
+        assert min(path["p50_s"] for path in paths) >= 2 * result["params"]["upstream_latency_s"]
+        assert o["added_p50_s"] == round(graph["p50_s"] - direct["p50_s"], 3)
+        assert o["graph_p50_vs_bare_serve"] == round(graph["p50_s"] / bare["p50_s"], 2)
+        assert o["graph_rps_vs_bare_serve"] == round(graph["requests_per_s"] / bare["requests_per_s"], 2)
 
 
 def check_training(result: dict) -> None:

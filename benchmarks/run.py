@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import time
 
 import ray
 
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         init_ray(num_cpus=4)  # each benchmark's own init_ray then joins this one
     for name in args.only:
         print(f"[bench] {name} ({args.size}) ...", flush=True)
+        started = time.monotonic()
         result = importlib.import_module(f"benchmarks.{name}").run(args.size)
-        print(f"[bench] {name}: wrote {save(name, args.size, result)}", flush=True)
+        print(f"[bench] {name}: wrote {save(name, args.size, result)} ({time.monotonic() - started:.0f} s)", flush=True)
         if not shared_ray:
             ray.shutdown()  # each benchmark starts the local Ray it needs
     ray.shutdown()

@@ -13,6 +13,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # line look the same to it), so a test waiting for one line could wait in vain. (`dnc` shows workers' lines
 # through its own printer, without it.)
 os.environ["RAY_DEDUP_LOGS"] = "0"
+# Ray Train's controller polls its workers every 2 s by default: a run's start, each checkpoint report and its end
+# wait for the next poll. Every 0.5 s here, where the runs are a few seconds long and there are dozens of them.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 
 import pytest  # noqa: E402
 import ray  # noqa: E402

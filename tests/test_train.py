@@ -372,19 +372,21 @@ def zero2(ray_local, tmp_path_factory):
     return cfg, run_train(cfg)
 
 
-def assert_trained(cfg: TrainConfig, summary: dict, fall: float = 2.0) -> list[dict]:
-    """The run took every step, the loss fell clearly, metrics and checkpoints were written."""
+def assert_trained(cfg: TrainConfig, summary: dict, fall: float = 2.0, restarted: bool = False) -> list[dict]:
+    """The run took every step, the loss fell clearly, metrics and a checkpoint every checkpoint_every_steps were
+    written (rank 0's peak memory never falls within one process: `restarted` runs had two)."""
     output = Path(cfg.output)
     steps = metrics(output)
     assert [s["step"] for s in steps] == list(range(1, cfg.max_steps + 1))
     assert all({"loss", "learning_rate", "train_tokens_per_second", "train_runtime", "peak_memory_gib"} <= s.keys()
                for s in steps)
     peaks = [s["peak_memory_gib"] for s in steps]
-    assert peaks[0] > 0.1 and peaks == sorted(peaks)  # a process with torch loaded; a peak never falls
+    assert peaks[0] > 0.1 and (restarted or peaks == sorted(peaks))  # a process with torch loaded; a peak never falls
     assert steps[-1]["loss"] < steps[0]["loss"] - fall, [s["loss"] for s in steps]
     assert summary["steps"] == cfg.max_steps and summary["final_loss"] == steps[-1]["loss"]
     assert summary["rows"] == summary["used"] == 12 and summary["dropped"] == summary["truncated"] == 0
-    assert [step for step, _ in checkpoint_steps(output)] == [4, 8]
+    every = cfg.checkpoint_every_steps
+    assert [step for step, _ in checkpoint_steps(output)] == list(range(every, cfg.max_steps + 1, every))
     assert summary["checkpoint"] == str(checkpoint_steps(output)[-1][1])
     return steps
 
@@ -400,9 +402,9 @@ def test_learning_rate_warms_up_then_follows_the_cosine(zero2):
     cfg, _ = zero2
     rates = [s["learning_rate"] for s in metrics(Path(cfg.output))]
     warmup = 2
-    for step, rate in enumerate(rates, start=1):  # logged after the step: the rate the next step uses
-        progress = (step - warmup) / (cfg.max_steps - warmup)
-        expected = cfg.lr * step / warmup if step < warmup else cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    for done, rate in enumerate(rates):  # each step logs the rate it used: the schedule after `done` steps
+        progress = (done - warmup) / (cfg.max_steps - warmup)
+        expected = cfg.lr * done / warmup if done < warmup else cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
         assert rate == pytest.approx(expected, abs=1e-9), rates
 
 
@@ -464,16 +466,6 @@ def test_resume_continues_step_count_optimizer_and_schedule(zero2, tmp_path):
     for step in range(5, 9):  # same rows, weights, optimizer state and schedule: the same step
         assert resumed[step]["learning_rate"] == pytest.approx(first[step]["learning_rate"], rel=1e-6)
         assert resumed[step]["loss"] == pytest.approx(first[step]["loss"], rel=1e-3)
-
-
-@pytest.mark.timeout(600)
-def test_zero3_trains_and_exports_gathered_weights(ray_local, tmp_path):
-    from dnc_ray.train.recipe import run_train
-
-    cfg = train_config(repeated_set(tmp_path), tmp_path / "out", deepspeed={"zero_stage": 3})
-    summary = run_train(cfg)
-    assert_trained(cfg, summary)
-    assert_exported(Path(summary["model"]))
 
 
 @pytest.mark.timeout(600)
@@ -588,11 +580,14 @@ def train_workers() -> list[psutil.Process]:
 
 
 @pytest.mark.timeout(900)
-def test_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(ray_local, tmp_path):
+def test_zero3_killed_worker_is_restarted_resumes_from_its_checkpoint_and_exports_gathered_weights(ray_local, tmp_path):
+    """ZeRO-3 on 2 workers, one killed after the first checkpoint: Ray Train restarts the group, which resumes from
+    that checkpoint's shards; the export gathers the whole weights."""
     from dnc_ray.train.recipe import run_train
 
     output = tmp_path / "out"
-    cfg = train_config(repeated_set(tmp_path), output, max_steps=12, checkpoint_every_steps=3, keep_checkpoints=10)
+    cfg = train_config(repeated_set(tmp_path), output, max_steps=12, checkpoint_every_steps=3, keep_checkpoints=10,
+                       deepspeed={"zero_stage": 3})
     killed = {}
 
     def kill_a_worker_after_the_first_checkpoint():
@@ -614,7 +609,6 @@ def test_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(ray_
     killer.join(timeout=60)
     assert not killer.is_alive() and "error" not in killed, killed.get("error")
     assert killed["checkpoints_before"] < 4, "the worker was killed after the run had finished"
-    assert summary["steps"] == 12
     # Restarted from the latest checkpoint: each checkpoint step written once, each step logged once.
-    assert [step for step, _ in checkpoint_steps(output)] == [3, 6, 9, 12]
-    assert [s["step"] for s in metrics(output)] == list(range(1, 13))
+    assert_trained(cfg, summary, restarted=True)
+    assert_exported(Path(summary["model"]))

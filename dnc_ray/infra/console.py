@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
@@ -33,7 +34,9 @@ class _Terminal:
     early_log: str | None = None  # what fds 1 and 2 wrote before the log folder was opened
     folder: str | None = None  # where driver.log and workers.log go, once Ray starts
     workers: TextIO | None = None
-    last_line: dict = {}  # pid -> the last project line shown (Ray Train echoes a worker's stdout twice)
+    # pid -> the project lines it showed last: Ray Train echoes a worker's output twice, the echo of a few lines
+    # coming after them all
+    shown: dict[int, deque] = {}
     scope: str | None = None  # what this process works for, named in each line (a study's cell)
     lock = threading.Lock()
 
@@ -134,10 +137,11 @@ def _worker_lines(batch: dict) -> None:
     with _Terminal.lock:
         _Terminal.workers.writelines(f"({name} pid={batch.get('pid')}) {line}\n" for line in batch.get("lines", []))
         _Terminal.workers.flush()
+        shown = _Terminal.shown.setdefault(batch.get("pid"), deque(maxlen=64))
         for line in ours:
-            if _Terminal.last_line.get(batch.get("pid")) != line:
+            if line not in shown:
                 print(line, file=_Terminal.out, flush=True)
-            _Terminal.last_line[batch.get("pid")] = line
+                shown.append(line)
 
 
 def _own_streams() -> bool:

@@ -83,7 +83,10 @@ class ReportCheckpoint(RayTrainReportCallback):
 
 
 class Progress(TrainerCallback):
-    """Every N steps a progress line (rank 0) and a metrics report to Ray Train; rank 0 keeps metrics.jsonl."""
+    """Every N steps a progress line (rank 0); rank 0 keeps metrics.jsonl.
+
+    Metrics reach Ray Train only with checkpoints (ReportCheckpoint): a report waits until the controller, which
+    polls every 2 s, took the previous one, so a report per logged step would hold every worker up to 2 s a step."""
 
     def __init__(self, cfg: TrainConfig, logs: "LogFolder | None" = None):
         self.every = cfg.log_every_steps
@@ -97,7 +100,6 @@ class Progress(TrainerCallback):
             console.say(f"[train] eval at step {step}: loss {logs['eval_loss']:.4f}{parse}")
         if "loss" not in logs or (step % self.every and step != state.max_steps):
             return
-        ray.train.report({**logs, "step": step})  # every rank: a report is a barrier
         if state.is_world_process_zero:
             eta = logs["train_runtime"] / step * (state.max_steps - step)  # steps run so far at their mean pace
             console.say(

@@ -97,7 +97,11 @@ from dnc_ray.train.trainer import Passes, StudentTrainer
 
 def deepspeed_config(cfg: TrainConfig, dtype: str) -> dict:
     """The DeepSpeed config (`dtype` resolved: bfloat16 or float32); the Trainer fills each "auto" from the
-    TrainingArguments below."""
+    TrainingArguments below.
+
+    The optimizer is the Trainer's (torch's fused AdamW, which ZeRO partitions like any other) unless the optimizer
+    state is offloaded, which takes DeepSpeed's CPU Adam: DeepSpeed's own Adam is a C++/CUDA op built on first use
+    (a minute on a fresh machine) and, on CPU, probes the CPU in a subprocess at every worker start."""
     # Bucket sizes from the model's hidden size (DeepSpeed's fixed defaults hold 5e8 elements)
     zero = {"stage": cfg.deepspeed.zero_stage, "reduce_bucket_size": "auto"}
     if cfg.deepspeed.offload_optimizer:
@@ -105,13 +109,11 @@ def deepspeed_config(cfg: TrainConfig, dtype: str) -> dict:
     if cfg.deepspeed.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold whole weights
         zero |= {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
+    optimizer = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
     return {
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
-        },
+        **({"optimizer": optimizer} if cfg.deepspeed.offload_optimizer else {}),
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",

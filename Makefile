@@ -21,10 +21,8 @@ setup: $(STAMP)
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Two pytest workers (pytest-xdist), a test file each at a time (module fixtures built once), each with its own
-# local Ray: a test that waits on Ray, a server or a subprocess leaves the cores to the other worker.
 test: lint
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
+	$(VENV)/bin/pytest -q --durations=15
 
 # The edit-test loop: everything not marked `slow` (no Ray, no training, no subprocess `dnc`, no benchmark).
 test-fast: setup

@@ -31,19 +31,12 @@ SLOW_FIXTURES = {"ray_local", "local_cluster"}  # Ray starts: seconds to minutes
 SLOW_MODULES = {"test_benchmarks.py"}  # every benchmark at its tiny size
 
 
-# The longest files first, so that `make test`'s two workers (a file each at a time) end together
-LONGEST_FIRST = ["test_benchmarks.py", "test_study.py", "test_cluster.py", "test_train.py", "test_vllm.py",
-                 "test_console.py", "test_pipeline.py"]
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses Ray or runs a benchmark is `slow` (explicit marks add the rest): `make test-fast`
-    leaves them out. The longest files run first."""
+    leaves them out."""
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames) or item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
 
 
 @pytest.fixture(scope="session")

@@ -266,7 +266,8 @@ def render(result: dict, folder: Path) -> str:
             for clients, point in curve.items() if mode in BATCHING]
     streamed = [{"clients": clients, **point} for clients, point in result["load"].get("batch_on_streamed", {}).items()]
     overhead = [{"clients": clients, "path": path, **o[path]} | (graph_columns(o) if path == "served_graph" else {})
-                for clients, o in result["overhead"].items() for path in ("direct_engines", "served_graph", "bare_serve")]
+                for clients, o in result["overhead"].items() for path in ("direct_engines", "served_graph", "bare_serve")
+                if path in o]  # bare_serve: not in results that predate that anchor
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
     for mode, curve in result["load"].items():
         clients = [int(c) for c in curve]
@@ -292,15 +293,21 @@ def render(result: dict, folder: Path) -> str:
         f"### The composed graph's overhead (both stages on a stand-in API with {params['upstream_latency_s']} s latency)",
         table(overhead, ["clients", "path", *columns, "added p50", "vs bare Serve"]),
         "Against the engines called directly (the method in the load generator), the graph adds its HTTP proxy, "
-        "ingress and handles. Against bare Ray Serve (a FastAPI ingress making two handle calls per request to "
-        "deployments with no model that sleep the stand-in's latency, the graph's replica settings, the same proxy), "
-        "it also adds the method and the engines' HTTP calls to the stand-in: the graph's p50 is "
-        + ", ".join(f"{o['graph_p50_vs_bare_serve']}x bare Serve's at {clients} clients "
-                    f"({o['graph_rps_vs_bare_serve']}x its requests/s)" for clients, o in result["overhead"].items()) + ".",
+        "ingress and handles. " + bare_serve_sentence(result["overhead"]),
     ])
+
+
+def bare_serve_sentence(overhead: dict) -> str:
+    if not all("bare_serve" in o for o in overhead.values()):
+        return "Bare Ray Serve was not measured in this result (it predates that anchor)."
+    return ("Against bare Ray Serve (a FastAPI ingress making two handle calls per request to deployments with no "
+            "model that sleep the stand-in's latency, the graph's replica settings, the same proxy), it also adds the "
+            "method and the engines' HTTP calls to the stand-in: the graph's p50 is "
+            + ", ".join(f"{o['graph_p50_vs_bare_serve']}x bare Serve's at {clients} clients "
+                        f"({o['graph_rps_vs_bare_serve']}x its requests/s)" for clients, o in overhead.items()) + ".")
 
 
 def graph_columns(o: dict) -> dict:
     """The served graph's row: what it adds to the engines called directly, and its ratios to bare Serve."""
-    return {"added p50": f"{o['added_p50_s']} s ({o['added_p50_share']:.1%})",
-            "vs bare Serve": f"p50 {o['graph_p50_vs_bare_serve']}x, requests/s {o['graph_rps_vs_bare_serve']}x"}
+    versus = f"p50 {o['graph_p50_vs_bare_serve']}x, requests/s {o['graph_rps_vs_bare_serve']}x" if "bare_serve" in o else None
+    return {"added p50": f"{o['added_p50_s']} s ({o['added_p50_share']:.1%})", "vs bare Serve": versus}

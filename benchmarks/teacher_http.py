@@ -87,6 +87,7 @@ def plain_client_run(base_url: str, rows: list[dict], in_flight: int, warm_up_ro
     time whatever the prompt. Its seconds and requests over `rows`, after an untimed run of `warm_up_rows`."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
     slots = asyncio.Semaphore(in_flight)
+    cap = TASKS["gsm8k"].rules.max_subquestions
     sent = 0
 
     async def complete(messages: list[dict]) -> str:
@@ -98,8 +99,7 @@ def plain_client_run(base_url: str, rows: list[dict], in_flight: int, warm_up_ro
         return reply.choices[0].message.content or ""
 
     async def two_stage(row: dict) -> None:
-        rules = TASKS["gsm8k"].rules
-        decomposition = await complete(decompose_messages(row["question"], row["context"], rules.max_subquestions))
+        decomposition = await complete(decompose_messages(row["question"], row["context"], cap))
         await complete(solve_messages(row["question"], row["context"], parse_subquestions(decomposition)))
 
     async def timed() -> dict:

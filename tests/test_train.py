@@ -328,6 +328,18 @@ def test_a_checkpoint_with_deepspeeds_schedule_is_refused_before_ray_starts(tmp_
 
 
 
+def test_deepspeed_takes_the_trainers_optimizer_unless_the_optimizer_state_is_offloaded(tmp_path):
+    """No optimizer in the DeepSpeed config: the Trainer's AdamW; with offload, DeepSpeed's own (its CPU Adam)."""
+    from dnc_ray.train.recipe import deepspeed_config
+
+    plain = train_config(repeated_set(tmp_path), tmp_path / "out")
+    offloaded = train_config(repeated_set(tmp_path), tmp_path / "out", use_gpu=True,
+                             deepspeed={"zero_stage": 2, "offload_optimizer": True})
+    assert "optimizer" not in deepspeed_config(plain, "bfloat16")
+    assert deepspeed_config(offloaded, "bfloat16")["optimizer"]["type"] == "AdamW"
+    assert deepspeed_config(offloaded, "bfloat16")["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
 def test_example_config_loads():
     cfg = load_config(Path(__file__).parents[1] / "jobs/configs/train-smollm2-sdt.yaml", TrainConfig)
     assert cfg.deepspeed.zero_stage == 2 and cfg.num_workers == 2 and not cfg.use_gpu

@@ -109,16 +109,18 @@ def deepspeed_config(cfg: TrainConfig, dtype: str) -> dict:
     if cfg.deepspeed.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold whole weights
         zero |= {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
-    optimizer = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
-    return {
+    config = {
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
-        **({"optimizer": optimizer} if cfg.deepspeed.offload_optimizer else {}),
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
     }
+    if cfg.deepspeed.offload_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                           "weight_decay": "auto"}}
+    return config
 
 
 def training_args(cfg: TrainConfig, plan: dict, work_dir: str) -> TrainingArguments:
